@@ -1,0 +1,1 @@
+"""Flower client side: a node's data, its task, and its local meta-training."""

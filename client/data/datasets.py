@@ -1,0 +1,448 @@
+"""Real image-dataset loaders: scikit-learn digits, MNIST-format IDX folders, Omniglot-style PNG
+folders and generic ``.npz`` files.
+
+Nothing downloads here (the machines have no network): a missing or malformed dataset is a
+:class:`DatasetError` that says what is wrong and how to get or fix the data, never a silent
+fallback to some other data.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DATASET_NAMES",
+    "FASHION_MNIST_DIR",
+    "DatasetError",
+    "ImageDataset",
+    "clear_dataset_cache",
+    "load_dataset",
+    "read_idx",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "omniglot", "npz")
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the (gzipped) IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+#: The four MNIST-format files, in load order; each may also be present as ``<name>.gz``.
+IDX_FILES: tuple[str, ...] = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
+
+DEFAULT_OMNIGLOT_SIZE = 28
+
+
+class DatasetError(ValueError):
+    """A missing or malformed dataset; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """A whole labelled image dataset, read-only so a cached copy can be shared safely.
+
+    ``eq=False``: identity equality and hashing, so a dataset can key a cache (element-wise
+    array comparison would make ``==`` ambiguous anyway).
+    """
+
+    name: str
+    images: np.ndarray  # float32, shape (N, C, H, W), values in [0, 1]
+    labels: np.ndarray  # int64, shape (N,), global class ids 0..num_classes-1 (contiguous)
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """Size of the class-id space (a class may still have few or no samples)."""
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image, for sizing the network input."""
+        _, c, h, w = self.images.shape
+        return (int(c), int(h), int(w))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_dataset(
+    name: str, path: str | os.PathLike[str] | None = None, image_size: int | None = None
+) -> ImageDataset:
+    """Load dataset ``name`` ('digits', 'fashion_mnist', 'mnist', 'omniglot' or 'npz').
+
+    ``path`` is the folder (IDX, Omniglot) or file (npz); digits takes none, fashion_mnist
+    defaults to the Debian package folder. ``image_size`` resizes to a square of that side
+    (Omniglot defaults to 28; the others keep their native size when it is None).
+
+    Results are cached per process by (name, path, image_size) because every simulated client in a
+    Ray worker asks for the same data; the returned arrays are read-only so no caller can change
+    the cached copy for the others.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in DATASET_NAMES:
+        raise DatasetError(f"unknown dataset {name!r}; valid names are: {', '.join(DATASET_NAMES)}")
+    if image_size is not None:
+        if (
+            isinstance(image_size, bool)
+            or not isinstance(image_size, int | np.integer)
+            or image_size < 1
+        ):
+            raise DatasetError(f"image_size must be a positive integer or None, got {image_size!r}")
+        image_size = int(image_size)
+    if key == "omniglot" and image_size is None:
+        image_size = DEFAULT_OMNIGLOT_SIZE
+    return _load_cached(key, _resolve_path(key, path), image_size)
+
+
+def clear_dataset_cache() -> None:
+    """Forget cached datasets (frees memory; the next load re-reads the files)."""
+    _load_cached.cache_clear()
+
+
+def _resolve_path(key: str, path: str | os.PathLike[str] | None) -> str | None:
+    """Apply the per-dataset default and normalise the path so the cache key is stable."""
+    if key == "digits":
+        if path is not None:
+            raise DatasetError(
+                "dataset 'digits' is bundled with scikit-learn and takes no path; "
+                f"got path={str(path)!r} (set the dataset path to null)"
+            )
+        return None
+    if path is None or str(path) == "":
+        if key == "fashion_mnist":
+            path = FASHION_MNIST_DIR
+        elif key == "mnist":
+            raise DatasetError(
+                "dataset 'mnist' needs a path: no Debian package ships MNIST, so put the four "
+                f"MNIST files ({', '.join(IDX_FILES)}; raw or .gz) in a folder and pass it as the "
+                "dataset path (or use 'fashion_mnist': apt-get install dataset-fashion-mnist)"
+            )
+        elif key == "omniglot":
+            raise DatasetError(
+                "dataset 'omniglot' needs a path to a folder laid out as "
+                "alphabet/character/*.png (e.g. Omniglot's images_background)"
+            )
+        else:
+            raise DatasetError(
+                "dataset 'npz' needs a path to a .npz file with arrays 'x' (N,H,W[,C]) and 'y' (N,)"
+            )
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(key: str, path: str | None, image_size: int | None) -> ImageDataset:
+    if key == "digits":
+        images, labels, names = _load_digits()
+    elif path is None:  # _resolve_path gives every other dataset a path or raises
+        raise DatasetError(f"dataset {key!r} needs a path")
+    elif key in ("fashion_mnist", "mnist"):
+        images, labels, names = _load_idx_folder(key, Path(path))
+    elif key == "omniglot":
+        images, labels, names = _load_omniglot(Path(path), image_size or DEFAULT_OMNIGLOT_SIZE)
+    else:
+        images, labels, names = _load_npz(Path(path))
+    if image_size is not None and images.shape[-2:] != (image_size, image_size):
+        images = _resize(images, image_size)
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return ImageDataset(name=key, images=images, labels=labels, class_names=tuple(names))
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize a whole (N, C, H, W) batch at once; antialiased bilinear never overshoots [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.empty((images.shape[0], images.shape[1], size, size), dtype=np.float32)
+    for start in range(0, images.shape[0], 8192):  # bounded peak memory for 70k-image sets
+        batch = torch.from_numpy(np.array(images[start : start + 8192], dtype=np.float32))
+        out[start : start + 8192] = F.interpolate(
+            batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        ).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = (np.asarray(bunch.images, dtype=np.float32) / 16.0)[:, None, :, :]
+    return images, np.asarray(bunch.target, dtype=np.int64), MNIST_CLASSES
+
+
+# --------------------------------------------------------------------------- IDX (MNIST format)
+
+_IDX_UBYTE = 0x08
+
+
+def _missing_folder_hint(key: str) -> str:
+    files = ", ".join(IDX_FILES)
+    if key == "fashion_mnist":
+        return (
+            "install it with `apt-get install dataset-fashion-mnist` (Debian; puts the files in "
+            f"{FASHION_MNIST_DIR}), or put the four files ({files}; raw or .gz) in a folder and "
+            "pass it as the dataset path"
+        )
+    return f"put the four MNIST files ({files}; raw or .gz) in a folder and pass it as the path"
+
+
+def _load_idx_folder(key: str, folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Read train + t10k and concatenate them: our own task split decides who gets what."""
+    if not folder.is_dir():
+        raise DatasetError(f"{key} folder {folder} does not exist; {_missing_folder_hint(key)}")
+    found: list[Path] = []
+    missing: list[str] = []
+    for base in IDX_FILES:
+        raw, gz = folder / base, folder / f"{base}.gz"
+        if raw.is_file():
+            found.append(raw)
+        elif gz.is_file():
+            found.append(gz)
+        else:
+            missing.append(base)
+    if missing:
+        raise DatasetError(
+            f"{key} folder {folder} lacks {', '.join(missing)} (raw or .gz); "
+            f"{_missing_folder_hint(key)}"
+        )
+    class_names = FASHION_MNIST_CLASSES if key == "fashion_mnist" else MNIST_CLASSES
+    images_parts, label_parts = [], []
+    for img_path, lbl_path in ((found[0], found[1]), (found[2], found[3])):
+        images = read_idx(img_path, ndim=3)
+        labels = read_idx(lbl_path, ndim=1)
+        if images.shape[0] != labels.shape[0]:
+            raise DatasetError(
+                f"{img_path} has {images.shape[0]} images but {lbl_path} has "
+                f"{labels.shape[0]} labels; the files do not belong together"
+            )
+        if labels.size and int(labels.max()) >= len(class_names):
+            raise DatasetError(
+                f"{lbl_path} has label {int(labels.max())}; {key} labels must be in "
+                f"0..{len(class_names) - 1}"
+            )
+        images_parts.append(images)
+        label_parts.append(labels)
+    if images_parts[0].shape[1:] != images_parts[1].shape[1:]:
+        raise DatasetError(
+            f"{found[0]} has images of {images_parts[0].shape[1:]} pixels but {found[2]} has "
+            f"{images_parts[1].shape[1:]}; both splits must have the same image size"
+        )
+    images = np.concatenate(images_parts)
+    # uint8 -> float32 in [0, 1], one vectorised pass; (N, H, W) -> (N, 1, H, W).
+    images_f = np.multiply(images, np.float32(1.0 / 255.0), dtype=np.float32)[:, None, :, :]
+    return images_f, np.concatenate(label_parts).astype(np.int64), class_names
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarray:
+    """Parse one IDX file (raw or ``.gz``) of unsigned bytes into a read-only uint8 array.
+
+    The header is validated (zero bytes, dtype code 0x08, number of dims, exact data length)
+    so that a wrong or damaged file fails here, naming the file, instead of yielding garbage.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(data) < 4:
+        raise DatasetError(f"IDX file {path} is truncated: {len(data)} bytes, no full header")
+    zero0, zero1, dtype_code, dims = data[0], data[1], data[2], data[3]
+    magic = int.from_bytes(data[:4], "big")
+    if zero0 != 0 or zero1 != 0 or dtype_code != _IDX_UBYTE or (ndim is not None and dims != ndim):
+        want = f"0x{0x0800 | (ndim or dims):08x}"
+        raise DatasetError(
+            f"IDX file {path} has bad magic number 0x{magic:08x} (expected {want}: unsigned-byte "
+            f"data with {ndim or dims} dims); is it an MNIST-format file of the right kind?"
+        )
+    header_len = 4 + 4 * dims
+    if len(data) < header_len:
+        raise DatasetError(f"IDX file {path} is truncated inside its header ({len(data)} bytes)")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=dims, offset=4))
+    expected = int(np.prod(shape, dtype=np.int64))
+    actual = len(data) - header_len
+    if actual < expected:
+        raise DatasetError(
+            f"IDX file {path} is truncated: header says {shape} = {expected} bytes of data, "
+            f"found {actual}; re-copy or re-download the file"
+        )
+    if actual > expected:
+        raise DatasetError(
+            f"IDX file {path} has {actual - expected} bytes after the {shape} data its header "
+            "declares; the file is damaged or not an IDX file"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+# --------------------------------------------------------------------------- Omniglot folders
+
+
+def _is_png(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() == ".png"
+
+
+def _load_omniglot(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Every ``alphabet/character`` folder is one class named "alphabet/character"."""
+    from PIL import Image, UnidentifiedImageError
+
+    layout = "alphabet/character/*.png (e.g. Omniglot's images_background folder)"
+    if not root.is_dir():
+        raise DatasetError(
+            f"omniglot folder {root} does not exist; expected a folder laid out as {layout}"
+        )
+    class_dirs = sorted(c for a in root.iterdir() if a.is_dir() for c in a.iterdir() if c.is_dir())
+    files_per_class = [sorted(p for p in c.iterdir() if _is_png(p)) for c in class_dirs]
+    if not any(files_per_class):
+        deeper = any(
+            _is_png(p)
+            for c in class_dirs
+            for sub in c.iterdir()
+            if sub.is_dir()
+            for p in sub.iterdir()
+        )
+        hint = (
+            "; PNGs were found one level deeper: point the path at the folder that holds the "
+            "alphabets (e.g. .../images_background)"
+            if deeper
+            else ""
+        )
+        raise DatasetError(
+            f"omniglot folder {root} has no PNG images; expected a folder laid out as {layout}"
+            f"{hint}"
+        )
+    empty = [c for c, files in zip(class_dirs, files_per_class, strict=True) if not files]
+    if empty:
+        raise DatasetError(
+            f"omniglot character folder {empty[0]} has no .png images ({len(empty)} such folders);"
+            " remove it or add its images: every character folder is a class"
+        )
+    total = sum(len(f) for f in files_per_class)
+    images = np.empty((total, 1, size, size), dtype=np.float32)
+    labels = np.empty(total, dtype=np.int64)
+    names: list[str] = []
+    i = 0
+    for cls, (cdir, files) in enumerate(zip(class_dirs, files_per_class, strict=True)):
+        names.append(f"{cdir.parent.name}/{cdir.name}")
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    gray = im.convert("L")
+                    if gray.size != (size, size):
+                        # LANCZOS antialiases when shrinking Omniglot's 105x105 strokes.
+                        gray = gray.resize((size, size), Image.Resampling.LANCZOS)
+                    pixels = np.asarray(gray, dtype=np.float32)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                raise DatasetError(f"cannot read omniglot image {f}: {exc}") from exc
+            # Omniglot is black strokes on a white page; invert so strokes are bright (1) on a
+            # dark (0) background, the same polarity as MNIST/Fashion-MNIST and digits.
+            images[i, 0] = 1.0 - pixels / 255.0
+            labels[i] = cls
+            i += 1
+    return images, labels, tuple(names)
+
+
+# --------------------------------------------------------------------------- generic .npz
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``x`` (N,H,W) or (N,H,W,C), ``y`` (N,) of any int or string labels, remapped to 0..K-1."""
+    if not path.is_file():
+        raise DatasetError(
+            f"npz file {path} does not exist; expected a .npz with arrays 'x' (N,H,W[,C]) and "
+            "'y' (N,) (write one with numpy.savez)"
+        )
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DatasetError(f"cannot read npz file {path}: {exc}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DatasetError(
+            f"{path} holds a single array, not a .npz archive; save it with "
+            "numpy.savez(path, x=images, y=labels)"
+        )
+    with archive:
+        missing = [k for k in ("x", "y") if k not in archive.files]
+        if missing:
+            raise DatasetError(
+                f"npz file {path} lacks array(s) {', '.join(repr(k) for k in missing)} "
+                f"(has {', '.join(repr(k) for k in archive.files) or 'none'}); save images "
+                "as 'x' and labels as 'y'"
+            )
+        try:
+            x = archive["x"]
+            y = archive["y"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise DatasetError(f"cannot read npz file {path}: {exc}") from exc
+
+    if x.ndim not in (3, 4):
+        raise DatasetError(
+            f"npz file {path}: 'x' has shape {x.shape}; expected (N,H,W) or (N,H,W,C)"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DatasetError(
+            f"npz file {path}: 'y' has shape {y.shape} but 'x' has {x.shape[0]} images; "
+            f"'y' must have shape ({x.shape[0]},)"
+        )
+    if x.shape[0] == 0:
+        raise DatasetError(f"npz file {path} has no images")
+
+    if x.dtype == np.uint8:
+        images = np.multiply(x, np.float32(1.0 / 255.0), dtype=np.float32)
+    elif np.issubdtype(x.dtype, np.integer) and not np.issubdtype(x.dtype, np.bool_):
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise DatasetError(
+                f"npz file {path}: integer 'x' ({x.dtype}) has values {lo}..{hi}; integer images "
+                "must be 0..255 (or store floats)"
+            )
+        images = x.astype(np.float32) / np.float32(255.0)
+    elif np.issubdtype(x.dtype, np.floating):
+        images = x.astype(np.float32)  # float images are taken as given
+        if not np.isfinite(images).all():
+            raise DatasetError(
+                f"npz file {path}: 'x' has {int((~np.isfinite(images)).sum())} non-finite values "
+                "(NaN or inf) after conversion to float32; clean the data"
+            )
+    else:
+        raise DatasetError(
+            f"npz file {path}: 'x' has dtype {x.dtype}; expected uint8 (0..255) or float"
+        )
+    images = images[:, None, :, :] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
+
+    if y.dtype.kind in "iu":
+        values, labels = np.unique(y, return_inverse=True)
+        names = tuple(str(int(v)) for v in values)
+    elif y.dtype.kind in "US":
+        values, labels = np.unique(y, return_inverse=True)
+        names = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist())
+    else:
+        raise DatasetError(
+            f"npz file {path}: 'y' has dtype {y.dtype}; labels must be integers or strings"
+        )
+    return images, labels.reshape(-1).astype(np.int64), names
