@@ -1,0 +1,186 @@
+"""Two-stage one-step adaptation and meta-gradients (plain PyTorch, no Flower).
+
+``Adapt(theta, phi; S)`` with ``order="backbone_first"``:
+    theta' = theta - alpha * d/dtheta L(theta, phi; S)
+    phi'   = phi   - gamma * d/dphi   L(theta', phi; S)
+(``gate_first`` swaps the stages). The meta-gradient is d L(theta', phi'; Q) / d(theta, phi)
+through the adaptation: second order by default; ``first_order`` treats the inner gradients as
+constants (FOMAML), so it is the query gradient at the adapted parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from gating import (
+    BACKBONE,
+    GATE,
+    GatedConvNet,
+    GatedOutput,
+    GateMode,
+    active_channel_ratios,
+    flops_ratio,
+    gate_regularizer,
+    realized_macs,
+)
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Everything the inner loop and the meta-gradient need; sent by the server every round."""
+
+    order: str = "backbone_first"  # backbone_first | gate_first
+    backbone_lr: float = 0.4  # alpha, inner step size of the backbone stage
+    gate_lr: float = 0.4  # gamma, inner step size of the gate stage
+    inner_steps: int = 1  # gradient steps per stage
+    first_order: bool = False
+    gating: bool = True  # False: the dense backbone only (fedmeta, fedavg)
+    target_ratio: float = 0.5  # rho
+    reg_weight: float = 0.0  # lambda for this round (the server applies the warm-up)
+    reg_where: str = "both"  # inner | outer | both
+    temperature: float = 2 / 3
+    train_gates: str = "hard"  # hard (straight-through) | soft (relaxed) during adaptation
+
+    def __post_init__(self) -> None:
+        if self.order not in ("backbone_first", "gate_first"):
+            raise ValueError(f"adapt.order must be backbone_first or gate_first, got {self.order!r}")
+        if self.reg_where not in ("inner", "outer", "both"):
+            raise ValueError(f"gating.where must be inner, outer or both, got {self.reg_where!r}")
+        if self.train_gates not in ("hard", "soft"):
+            raise ValueError(f"gating.train_gates must be hard or soft, got {self.train_gates!r}")
+        if self.inner_steps < 0:
+            raise ValueError(f"adapt.inner_steps must be >= 0, got {self.inner_steps}")
+
+    @property
+    def train_mode(self) -> GateMode:
+        return GateMode(self.train_gates) if self.gating else GateMode.OFF
+
+    @property
+    def eval_mode(self) -> GateMode:
+        return GateMode.EVAL if self.gating else GateMode.OFF
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: Tensor
+    y: Tensor
+
+
+def forward(model: GatedConvNet, params: Params, x: Tensor, mode: GateMode, cfg: MetaConfig) -> GatedOutput:
+    return functional_call(model, params, (x,), {"mode": mode, "temperature": cfg.temperature})
+
+
+def task_loss(
+    model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig, regularize: bool
+) -> tuple[Tensor, GatedOutput]:
+    """L = CE + lambda * R, R from the soft gate probabilities (only where gating is on)."""
+    out = forward(model, params, batch.x, cfg.train_mode, cfg)
+    loss = F.cross_entropy(out.logits, batch.y)
+    if cfg.gating and regularize and cfg.reg_weight > 0:
+        loss = loss + cfg.reg_weight * gate_regularizer(model.spec, out.trace, cfg.target_ratio)
+    return loss, out
+
+
+def _group(params: Params, group: str) -> Params:
+    return {name: p for name, p in params.items() if name.split(".", 1)[0] == group}
+
+
+def _sgd_stage(
+    model: GatedConvNet, params: Params, group: str, lr: float, support: Batch, cfg: MetaConfig,
+    create_graph: bool,
+) -> Params:
+    """``inner_steps`` gradient steps on one group, the other group held as given."""
+    regularize = cfg.reg_where in ("inner", "both")
+    for _ in range(cfg.inner_steps):
+        loss, _ = task_loss(model, params, support, cfg, regularize)
+        names = list(_group(params, group))
+        grads = torch.autograd.grad(
+            loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
+        )
+        params = dict(params)
+        for name, grad in zip(names, grads, strict=True):
+            if grad is not None:
+                step = grad if create_graph else grad.detach()
+                params[name] = params[name] - lr * step
+    return params
+
+
+def adapt(
+    model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
+) -> Params:
+    """The two-stage adaptation; with ``create_graph`` the result stays differentiable (2nd order)."""
+    stages = [(BACKBONE, cfg.backbone_lr), (GATE, cfg.gate_lr)]
+    if cfg.order == "gate_first":
+        stages.reverse()
+    for group, lr in stages:
+        if group == GATE and not cfg.gating:
+            continue
+        params = _sgd_stage(model, params, group, lr, support, cfg, create_graph)
+    return params
+
+
+@dataclass
+class MetaStep:
+    grads: Params  # meta-gradient per parameter name (backbone.* and, when gating, gate.*)
+    query_loss: float
+    query_accuracy: float
+    flops_ratio: float
+
+
+def meta_gradients(
+    model: GatedConvNet, initial: Mapping[str, Tensor], support: Batch, query: Batch, cfg: MetaConfig
+) -> MetaStep:
+    """d L(Adapt(theta, phi; S); Q) / d(theta, phi) for one task."""
+    params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
+    learnable = [n for n in params if cfg.gating or n.split(".", 1)[0] == BACKBONE]
+    adapted = adapt(model, params, support, cfg, create_graph=not cfg.first_order)
+    if cfg.first_order:  # differentiate at the adapted point; the inner steps count as constants
+        adapted = {n: p.detach().requires_grad_(True) for n, p in adapted.items()}
+        wrt = adapted
+    else:
+        wrt = params
+    loss, out = task_loss(model, adapted, query, cfg, regularize=cfg.reg_where in ("outer", "both"))
+    grads = torch.autograd.grad(loss, [wrt[n] for n in learnable], allow_unused=True)
+    meta = {
+        name: torch.zeros_like(params[name]) if grad is None else grad.detach()
+        for name, grad in zip(learnable, grads, strict=True)
+    }
+    accuracy = float((out.logits.argmax(1) == query.y).float().mean())
+    return MetaStep(meta, float(loss.detach()), accuracy, flops_ratio(model.spec, out.trace))
+
+
+@torch.no_grad()
+def _evaluate(model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig) -> dict[str, object]:
+    out = forward(model, params, batch.x, cfg.eval_mode, cfg)
+    metrics: dict[str, object] = {
+        "accuracy": float((out.logits.argmax(1) == batch.y).float().mean()),
+        "loss": float(F.cross_entropy(out.logits, batch.y)),
+        "flops_ratio": flops_ratio(model.spec, out.trace),
+        "layer_active": active_channel_ratios(out.trace),
+    }
+    if cfg.gating:
+        metrics["macs"] = float(realized_macs(model.spec, out.trace).mean())
+    return metrics
+
+
+def evaluate_adaptation(
+    model: GatedConvNet, initial: Mapping[str, Tensor], support: Batch, query: Batch, cfg: MetaConfig
+) -> dict[str, object]:
+    """What a new node gets: query metrics of the meta-init and of one Adapt on its support set."""
+    params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
+    before = _evaluate(model, params, query, cfg)
+    adapted = {n: p.detach() for n, p in adapt(model, params, support, cfg).items()}
+    after = _evaluate(model, adapted, query, cfg)
+    return {"before": before, "after": after}
+
+
+def with_reg_weight(cfg: MetaConfig, weight: float) -> MetaConfig:
+    return replace(cfg, reg_weight=weight)

@@ -1,0 +1,1 @@
+"""Hydra configuration: the typed schema (schema.py) and the config groups (YAML)."""

@@ -1,0 +1,201 @@
+"""Structured configs: the typed schema every run is checked against.
+
+A mistyped key or a wrong type is an error that names the key, both for Hydra (``simulate.py``)
+and for a flat Flower run config (``flwr run .``, deployments), which is merged onto the same
+schema by :func:`settings_from_flat`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+STRATEGIES = ("metagater", "metagater_fo", "fedmeta")
+DATASETS = ("digits", "fashion_mnist", "mnist", "omniglot", "npz")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"
+    path: str | None = None  # folder or file; None uses the dataset's default location
+    image_size: int | None = None  # resize target for image folders (omniglot); None = default
+
+
+@dataclass
+class TaskConfig:
+    ways: int = 5
+    shots: int = 5
+    queries: int = 15
+    train_pool: int = 40  # samples per class held by each training node
+    holdout_samples: float = 0.3  # fraction of each class's samples reserved for target nodes
+    holdout_classes: str = "auto"  # "auto" or a fraction of classes reserved for target nodes
+    tasks_per_client: int = 1  # episodes a training node meta-learns on per round
+
+
+@dataclass
+class ModelConfig:
+    width: int = 32
+    depth: int = 4
+    gate_hidden: int = 16
+    gate_bias: float = 3.0
+
+
+def _keyword_field(cls: type, name: str, type_: type, default: Any) -> type:
+    """Add a field whose name is a Python keyword (``gating.lambda`` is part of the CLI contract).
+
+    ``dataclass`` cannot write an ``__init__`` for it, so the class gets none; OmegaConf only
+    needs the fields and their defaults.
+    """
+    cls.__annotations__ = {**cls.__annotations__, name: type_}
+    setattr(cls, name, default)
+    return dataclass(init=False, repr=False, eq=False)(cls)
+
+
+class GatingConfig:
+    enabled: bool = True  # strategies without gates (fedmeta, fedavg, perfedavg) switch it off
+    target_ratio: float = 0.5  # rho: the MAC ratio the regularizer aims for
+    warmup_rounds: int = 20  # lambda rises linearly to its value over these rounds
+    where: str = "both"  # inner | outer | both: where the regularizer enters the loss
+    temperature: float = 2 / 3
+    train_gates: str = "hard"  # hard (straight-through) | soft (relaxed)
+
+
+GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)
+
+
+@dataclass
+class AdaptConfig:
+    order: str = "backbone_first"  # backbone_first | gate_first
+    backbone_lr: float = 0.4
+    gate_lr: float = 0.4
+    inner_steps: int = 1
+
+
+@dataclass
+class MetaOptConfig:
+    first_order: bool = False
+    optimizer: str = "adam"  # adam | sgd (server optimizers, one per group)
+    backbone_lr: float = 1e-3
+    gate_lr: float = 1e-3
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "metagater"
+
+
+@dataclass
+class FederationConfig:
+    train_nodes: int = 20
+    target_nodes: int = 10
+    clients_per_round: int = 5
+    rounds: int = 100
+    eval_every: int = 20
+    eval_nodes: int = 0  # target nodes per intermediate evaluation; 0 = all (final: always all)
+    min_train_replies: int = 0  # valid replies a round needs; 0 = clients_per_round // 2 + 1
+    timeout: float = 600.0  # seconds to wait for replies in one round
+
+
+@dataclass
+class RayConfig:
+    num_cpus: int = 2  # CPUs Ray may use on this machine (ignored when attaching to a cluster)
+    client_cpus: float = 1.0  # CPUs per ClientApp actor: 2 cores -> 2 actors
+    address: str | None = None  # attach to an existing Ray cluster (e.g. "127.0.0.1:6379")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/flwr-run"  # where a ServerApp started by `flwr run` writes its results
+    plots: bool = True
+
+
+@dataclass
+class RunConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gating: GatingConfig = field(default_factory=GatingConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    meta: MetaOptConfig = field(default_factory=MetaOptConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    resume: bool = False
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Checks types cannot express: choices and ranges. Raises ValueError naming the key."""
+    checks = [
+        ("strategy.name", cfg.strategy.name in STRATEGIES, f"one of {STRATEGIES}"),
+        ("dataset.name", cfg.dataset.name in DATASETS, f"one of {DATASETS}"),
+        ("adapt.order", cfg.adapt.order in ("backbone_first", "gate_first"),
+         "backbone_first or gate_first"),
+        ("gating.where", cfg.gating.where in ("inner", "outer", "both"), "inner, outer or both"),
+        ("gating.train_gates", cfg.gating.train_gates in ("hard", "soft"), "hard or soft"),
+        ("meta.optimizer", cfg.meta.optimizer in ("adam", "sgd"), "adam or sgd"),
+        ("task.ways", cfg.task.ways >= 2, ">= 2"),
+        ("task.shots", cfg.task.shots >= 1, ">= 1"),
+        ("task.queries", cfg.task.queries >= 1, ">= 1"),
+        ("federation.train_nodes", cfg.federation.train_nodes >= 1, ">= 1"),
+        ("federation.target_nodes", cfg.federation.target_nodes >= 1, ">= 1"),
+        ("federation.clients_per_round",
+         1 <= cfg.federation.clients_per_round <= cfg.federation.train_nodes,
+         "between 1 and federation.train_nodes"),
+        ("federation.rounds", cfg.federation.rounds >= 1, ">= 1"),
+        ("federation.eval_every", cfg.federation.eval_every >= 1, ">= 1"),
+        ("gating.target_ratio", 0 < cfg.gating.target_ratio <= 1.5, "in (0, 1.5]"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {expected}")
+    return cfg
+
+
+def default_config() -> DictConfig:
+    cfg = OmegaConf.structured(RunConfig)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def settings_from_flat(flat: dict[str, Any]) -> DictConfig:
+    """Merge a flat ``{"federation.rounds": 5, ...}`` run config onto the schema.
+
+    Unknown keys raise an error that names them; values are converted to the schema's types.
+    """
+    cfg = default_config()
+    for key, value in flat.items():
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise KeyError(f"unknown config key {key!r} (valid keys: {', '.join(flat_keys())})")
+        OmegaConf.update(cfg, key, None if value == "" and _is_optional_leaf(cfg, key) else value)
+    return validate(cfg)
+
+
+_MISSING = object()
+
+
+def _is_optional_leaf(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and node[leaf] is None
+
+
+def flat_keys() -> list[str]:
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, DictConfig):
+            return [k for name in node for k in walk(node[name], f"{prefix}{name}.")]
+        return [prefix[:-1]]
+
+    return walk(default_config(), "")
+
+
+def to_flat(cfg: DictConfig) -> dict[str, Any]:
+    """The inverse of :func:`settings_from_flat` (None becomes "", Flower configs have no null)."""
+    out: dict[str, Any] = {}
+    for key in flat_keys():
+        value = OmegaConf.select(cfg, key)
+        out[key] = "" if value is None else value
+    return out

@@ -1,0 +1,1 @@
+"""ServerApp and strategy: aggregate meta-gradients, evaluate fast adaptation at new nodes."""

@@ -1,0 +1,209 @@
+"""The server's round loop: discover nodes, meta-train, evaluate target nodes, keep results.
+
+Shared by simulation (``simulate.py``), ``flwr run .`` and deployments; it only talks to a Grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from omegaconf import DictConfig, OmegaConf
+
+from client.protocol import CONFIG, METRICS, NODE, REG_WEIGHT_KEY, ROUND_KEY, encode_config
+from conf.schema import to_flat
+from gating import GatedConvNet, ModelSpec, dense_macs
+from server.checkpoint import CHECKPOINT_NAME, check_resumable, load_checkpoint, save_checkpoint
+from server.results import SUMMARY_KEYS, plot_history, write_json
+from server.strategy import MetaGater
+
+
+class FederationError(RuntimeError):
+    """The federation cannot run as configured (missing nodes, inconsistent data, ...)."""
+
+
+@dataclass
+class Roster:
+    """Who is in the federation: partition id -> node id, per role, and the data's shape."""
+
+    train: dict[int, int]
+    target: dict[int, int]
+    channels: int
+    image_size: int
+
+
+def regularizer_weight(cfg: DictConfig, server_round: int) -> float:
+    """lambda, warmed up linearly over ``gating.warmup_rounds`` (gates first learn the task)."""
+    if not cfg.gating.enabled:
+        return 0.0
+    warmup = max(cfg.gating.warmup_rounds, 0)
+    scale = 1.0 if warmup == 0 else min(1.0, server_round / warmup)
+    return float(cfg.gating["lambda"]) * scale
+
+
+def discover(grid: Grid, cfg: DictConfig) -> Roster:
+    """Ask every connected node who it is; nodes that cannot load their data are left out."""
+    expected = cfg.federation.train_nodes + cfg.federation.target_nodes
+    deadline = time.monotonic() + cfg.federation.timeout
+    while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            log(WARNING, "only %d of %d nodes connected; continuing with them", len(node_ids), expected)
+            break
+        time.sleep(0.5)
+    config = encode_config(cfg, **{ROUND_KEY: 0, REG_WEIGHT_KEY: 0.0})
+    messages = [
+        Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in node_ids
+    ]
+    roster = Roster(train={}, target={}, channels=0, image_size=0)
+    shapes = set()
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %d left out: it could not set up its task: %s", node, reply.error.reason)
+            continue
+        info, metrics = reply.content[NODE], reply.content[METRICS]
+        role, partition = str(info["role"]), int(info["partition-id"])
+        members = roster.train if role == "train" else roster.target
+        if partition in members:
+            raise FederationError(f"two nodes claim {role} partition {partition}")
+        members[partition] = node
+        shapes.add((int(metrics["channels"]), int(metrics["image-size"])))
+    if len(shapes) > 1:
+        raise FederationError(f"nodes disagree on the image shape (channels, size): {sorted(shapes)}")
+    if len(roster.train) < cfg.federation.clients_per_round:
+        raise FederationError(
+            f"{len(roster.train)} training nodes answered, federation.clients_per_round is "
+            f"{cfg.federation.clients_per_round}"
+        )
+    if not roster.target:
+        raise FederationError("no target node answered: nothing to evaluate fast adaptation on")
+    roster.channels, roster.image_size = shapes.pop()
+    log(INFO, "federation: %d training nodes, %d target nodes, images %dx%dx%d",
+        len(roster.train), len(roster.target), roster.channels, roster.image_size, roster.image_size)
+    return roster
+
+
+def initial_parameters(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GatedConvNet(spec)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run (or resume) the whole federation; returns the summary written to summary.json."""
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    flat = to_flat(cfg)
+    saved = None
+    if checkpoint_path.exists():
+        if not cfg.resume:
+            raise FederationError(
+                f"{checkpoint_path} exists: pass resume=true to continue that run, or choose "
+                "another output folder (hydra.run.dir=...) to start a new one"
+            )
+        saved = load_checkpoint(checkpoint_path)
+        check_resumable(saved["config"], flat)
+    elif cfg.resume:
+        raise FederationError(f"resume=true but there is no checkpoint at {checkpoint_path}")
+    OmegaConf.save(cfg, out_dir / "config.yaml")
+
+    roster = discover(grid, cfg)
+    spec = ModelSpec(
+        in_channels=roster.channels, image_size=roster.image_size, num_classes=cfg.task.ways,
+        width=cfg.model.width, depth=cfg.model.depth, gate_hidden=cfg.model.gate_hidden,
+        gate_bias=cfg.model.gate_bias,
+    )
+    fed = cfg.federation
+    strategy = MetaGater(
+        initial_parameters(spec, cfg.seed), roster.train, roster.target,
+        clients_per_round=fed.clients_per_round,
+        min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
+        learn_gates=cfg.gating.enabled, optimizer=cfg.meta.optimizer,
+        backbone_lr=cfg.meta.backbone_lr, gate_lr=cfg.meta.gate_lr,
+        eval_nodes=fed.eval_nodes, seed=cfg.seed,
+    )
+    history: list[dict[str, Any]] = []
+    first_round, elapsed_before = 1, 0.0
+    if saved is not None:
+        strategy.load_state_dict(saved["strategy"])
+        history, first_round = saved["history"], saved["round"] + 1
+        elapsed_before = saved["wall_seconds"]
+        log(INFO, "resuming after round %d from %s", saved["round"], checkpoint_path)
+    strategy.summary()
+
+    arrays = strategy.arrays()
+    for server_round in range(first_round, fed.rounds + 1):
+        round_start = time.monotonic()
+        config = encode_config(
+            cfg, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: regularizer_weight(cfg, server_round)}
+        )
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, config, grid), timeout=fed.timeout
+        )
+        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "train_loss": train_metrics["query-loss"],
+            "train_accuracy": train_metrics["query-accuracy"],
+            "train_flops_ratio": train_metrics["flops-ratio"],
+            "replies": train_metrics["replies"],
+            "reg_weight": config[REG_WEIGHT_KEY],
+        }
+        final = server_round == fed.rounds
+        if final or server_round % fed.eval_every == 0:
+            messages = strategy.configure_evaluate(server_round, arrays, config, grid, everyone=final)
+            evaluation = strategy.aggregate_evaluate(
+                server_round, grid.send_and_receive(messages, timeout=fed.timeout)
+            )
+            if evaluation is not None:
+                record.update({k: float(v) for k, v in evaluation.items()})
+        record["seconds"] = time.monotonic() - round_start
+        history.append(record)
+        _log_round(record, fed.rounds)
+        save_checkpoint(checkpoint_path, {
+            "round": server_round, "strategy": strategy.state_dict(), "history": history,
+            "config": flat, "wall_seconds": elapsed_before + time.monotonic() - started,
+        })
+        write_json(out_dir / "history.json", history)
+
+    final_eval = strategy.last_evaluation or {}
+    if not final_eval:
+        raise FederationError("the final evaluation got no result from any target node")
+    summary = {
+        "strategy": cfg.strategy.name,
+        "dataset": cfg.dataset.name,
+        "rounds": fed.rounds,
+        **{k: final_eval[k] for k in SUMMARY_KEYS if k in final_eval},
+        "dense_macs": dense_macs(spec),
+        "wall_seconds": elapsed_before + time.monotonic() - started,
+        "layer_active": final_eval["layer_active"],
+        "ways": cfg.task.ways,
+        "shots": cfg.task.shots,
+        "seed": cfg.seed,
+    }
+    write_json(out_dir / "summary.json", summary)
+    if cfg.output.plots:
+        plot_history(history, out_dir)
+    log(INFO, "results in %s: accuracy %.4f ± %.4f (before %.4f, nearest centroid %.4f), "
+        "flops_ratio %.3f", out_dir, summary["accuracy"], summary["accuracy_ci95"],
+        summary["accuracy_before"], summary["nearest_centroid_accuracy"], summary["flops_ratio"])
+    return summary
+
+
+def _log_round(record: dict[str, Any], rounds: int) -> None:
+    line = (f"[round {record['round']}/{rounds}] train loss {record['train_loss']:.3f} "
+            f"acc {record['train_accuracy']:.3f} flops {record['train_flops_ratio']:.3f}")
+    if "accuracy" in record:
+        line += (f" | target acc {record['accuracy']:.3f} (before {record['accuracy_before']:.3f}) "
+                 f"flops {record['flops_ratio']:.3f}")
+    log(INFO, "%s | %.2fs", line, record["seconds"])
