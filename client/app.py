@@ -49,7 +49,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(per_round[ROUND_KEY])
     task = node_task(cfg, dict(context.node_config))
     if task.role != "train":
-        raise RuntimeError(f"partition {task.partition_id} is a {task.role} node, not a training node")
+        raise RuntimeError(
+            f"partition {task.partition_id} is a {task.role} node, not a training node"
+        )
     model = model_for(model_spec(cfg, task))
     meta_cfg = meta_config(cfg, float(per_round[REG_WEIGHT_KEY]))
     params = msg.content[ARRAYS].to_torch_state_dict()
@@ -82,7 +84,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, per_round = decode_config(msg.content[CONFIG])
     task = node_task(cfg, dict(context.node_config))
     if task.role != "target":
-        raise RuntimeError(f"partition {task.partition_id} is a {task.role} node, not a target node")
+        raise RuntimeError(
+            f"partition {task.partition_id} is a {task.role} node, not a target node"
+        )
     spec = model_spec(cfg, task)
     model = model_for(spec)
     params = msg.content[ARRAYS].to_torch_state_dict()

@@ -51,7 +51,9 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         if self.order not in ("backbone_first", "gate_first"):
-            raise ValueError(f"adapt.order must be backbone_first or gate_first, got {self.order!r}")
+            raise ValueError(
+                f"adapt.order must be backbone_first or gate_first, got {self.order!r}"
+            )
         if self.reg_where not in ("inner", "outer", "both"):
             raise ValueError(f"gating.where must be inner, outer or both, got {self.reg_where!r}")
         if self.train_gates not in ("hard", "soft"):
@@ -74,7 +76,9 @@ class Batch:
     y: Tensor
 
 
-def forward(model: GatedConvNet, params: Params, x: Tensor, mode: GateMode, cfg: MetaConfig) -> GatedOutput:
+def forward(
+    model: GatedConvNet, params: Params, x: Tensor, mode: GateMode, cfg: MetaConfig
+) -> GatedOutput:
     return functional_call(model, params, (x,), {"mode": mode, "temperature": cfg.temperature})
 
 
@@ -94,7 +98,12 @@ def _group(params: Params, group: str) -> Params:
 
 
 def _sgd_stage(
-    model: GatedConvNet, params: Params, group: str, lr: float, support: Batch, cfg: MetaConfig,
+    model: GatedConvNet,
+    params: Params,
+    group: str,
+    lr: float,
+    support: Batch,
+    cfg: MetaConfig,
     create_graph: bool,
 ) -> Params:
     """``inner_steps`` gradient steps on one group, the other group held as given."""
@@ -116,7 +125,7 @@ def _sgd_stage(
 def adapt(
     model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
 ) -> Params:
-    """The two-stage adaptation; with ``create_graph`` the result stays differentiable (2nd order)."""
+    """The two-stage adaptation; ``create_graph`` keeps the result differentiable (2nd order)."""
     stages = [(BACKBONE, cfg.backbone_lr), (GATE, cfg.gate_lr)]
     if cfg.order == "gate_first":
         stages.reverse()
@@ -136,7 +145,11 @@ class MetaStep:
 
 
 def meta_gradients(
-    model: GatedConvNet, initial: Mapping[str, Tensor], support: Batch, query: Batch, cfg: MetaConfig
+    model: GatedConvNet,
+    initial: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch,
+    cfg: MetaConfig,
 ) -> MetaStep:
     """d L(Adapt(theta, phi; S); Q) / d(theta, phi) for one task."""
     params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
@@ -158,7 +171,9 @@ def meta_gradients(
 
 
 @torch.no_grad()
-def _evaluate(model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig) -> dict[str, object]:
+def _evaluate(
+    model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig
+) -> dict[str, object]:
     out = forward(model, params, batch.x, cfg.eval_mode, cfg)
     metrics: dict[str, object] = {
         "accuracy": float((out.logits.argmax(1) == batch.y).float().mean()),
@@ -172,7 +187,11 @@ def _evaluate(model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig
 
 
 def evaluate_adaptation(
-    model: GatedConvNet, initial: Mapping[str, Tensor], support: Batch, query: Batch, cfg: MetaConfig
+    model: GatedConvNet,
+    initial: Mapping[str, Tensor],
+    support: Batch,
+    query: Batch,
+    cfg: MetaConfig,
 ) -> dict[str, object]:
     """What a new node gets: query metrics of the meta-init and of one Adapt on its support set."""
     params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}

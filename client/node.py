@@ -42,15 +42,25 @@ def node_task(cfg: DictConfig, node_config: dict[str, Any]) -> NodeTask:
             f"federation.train_nodes + federation.target_nodes = {expected}"
         )
     return _cached_task(
-        cfg.dataset.name, cfg.dataset.path, cfg.dataset.image_size, task_spec(cfg), cfg.seed,
-        partition_id, num_partitions,
+        cfg.dataset.name,
+        cfg.dataset.path,
+        cfg.dataset.image_size,
+        task_spec(cfg),
+        cfg.seed,
+        partition_id,
+        num_partitions,
     )
 
 
 @lru_cache(maxsize=256)
 def _cached_task(
-    name: str, path: str | None, image_size: int | None, spec: TaskSpec, seed: int,
-    partition_id: int, num_partitions: int,
+    name: str,
+    path: str | None,
+    image_size: int | None,
+    spec: TaskSpec,
+    seed: int,
+    partition_id: int,
+    num_partitions: int,
 ) -> NodeTask:
     dataset = load_dataset(name, path, image_size)
     return build_node_task(dataset, spec, seed, partition_id, num_partitions)

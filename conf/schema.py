@@ -132,8 +132,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     checks = [
         ("strategy.name", cfg.strategy.name in STRATEGIES, f"one of {STRATEGIES}"),
         ("dataset.name", cfg.dataset.name in DATASETS, f"one of {DATASETS}"),
-        ("adapt.order", cfg.adapt.order in ("backbone_first", "gate_first"),
-         "backbone_first or gate_first"),
+        (
+            "adapt.order",
+            cfg.adapt.order in ("backbone_first", "gate_first"),
+            "backbone_first or gate_first",
+        ),
         ("gating.where", cfg.gating.where in ("inner", "outer", "both"), "inner, outer or both"),
         ("gating.train_gates", cfg.gating.train_gates in ("hard", "soft"), "hard or soft"),
         ("meta.optimizer", cfg.meta.optimizer in ("adam", "sgd"), "adam or sgd"),
@@ -142,16 +145,20 @@ def validate(cfg: DictConfig) -> DictConfig:
         ("task.queries", cfg.task.queries >= 1, ">= 1"),
         ("federation.train_nodes", cfg.federation.train_nodes >= 1, ">= 1"),
         ("federation.target_nodes", cfg.federation.target_nodes >= 1, ">= 1"),
-        ("federation.clients_per_round",
-         1 <= cfg.federation.clients_per_round <= cfg.federation.train_nodes,
-         "between 1 and federation.train_nodes"),
+        (
+            "federation.clients_per_round",
+            1 <= cfg.federation.clients_per_round <= cfg.federation.train_nodes,
+            "between 1 and federation.train_nodes",
+        ),
         ("federation.rounds", cfg.federation.rounds >= 1, ">= 1"),
         ("federation.eval_every", cfg.federation.eval_every >= 1, ">= 1"),
         ("gating.target_ratio", 0 < cfg.gating.target_ratio <= 1.5, "in (0, 1.5]"),
     ]
     for key, ok, expected in checks:
         if not ok:
-            raise ValueError(f"config key {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {expected}")
+            raise ValueError(
+                f"config key {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {expected}"
+            )
     return cfg
 
 

@@ -1,7 +1,7 @@
 """Print a model's per-layer MAC table: dense, and realized on a batch of real images.
 
-    python -m gating.mac_table --dataset fashion_mnist --width 32 --depth 4
-    python -m gating.mac_table --image-size 84 --in-channels 3      # dense only
+python -m gating.mac_table --dataset fashion_mnist --width 32 --depth 4
+python -m gating.mac_table --image-size 84 --in-channels 3      # dense only
 """
 
 from __future__ import annotations
@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         width=args.width,
         depth=args.depth,
     )
-    print(f"Conv-{spec.depth} width {spec.width}, input {spec.in_channels}x{spec.image_size}x"
-          f"{spec.image_size}, {spec.num_classes} classes")
+    print(
+        f"Conv-{spec.depth} width {spec.width}, input {spec.in_channels}x{spec.image_size}x"
+        f"{spec.image_size}, {spec.num_classes} classes"
+    )
     trace = None
     if images is not None:
         torch.manual_seed(args.seed)

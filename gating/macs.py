@@ -8,6 +8,7 @@ pooling, the gates' average pool and the mask multiply are elementwise and left 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +35,18 @@ def layer_costs(spec: ModelSpec) -> list[LayerCost]:
     for index in range(spec.depth):
         spatial = sizes[index] ** 2
         c_in, c_out = channels[index], channels[index + 1]
-        costs.append(LayerCost(f"conv{index + 1}", k2 * spatial * c_in * c_out, c_in, c_out, spatial))
+        costs.append(
+            LayerCost(f"conv{index + 1}", k2 * spatial * c_in * c_out, c_in, c_out, spatial)
+        )
     head_spatial = sizes[-1] ** 2
     costs.append(
-        LayerCost("head", spec.head_features * spec.num_classes, spec.width, spec.num_classes, head_spatial)
+        LayerCost(
+            "head",
+            spec.head_features * spec.num_classes,
+            spec.width,
+            spec.num_classes,
+            head_spatial,
+        )
     )
     return costs
 
@@ -50,10 +59,14 @@ def dense_macs(spec: ModelSpec) -> int:
 def gate_macs(spec: ModelSpec) -> int:
     """The gate MLPs' own cost per input (always paid in full when gating is on)."""
     channels = [spec.in_channels] + [spec.width] * spec.depth
-    return sum(spec.gate_hidden * (c_in + c_out) for c_in, c_out in zip(channels[:-1], channels[1:]))
+    return sum(
+        spec.gate_hidden * (c_in + c_out) for c_in, c_out in itertools.pairwise(channels)
+    )
 
 
-def active_counts(spec: ModelSpec, trace: list[LayerTrace], batch: int, device, dtype) -> list[Tensor]:
+def active_counts(
+    spec: ModelSpec, trace: list[LayerTrace], batch: int, device, dtype
+) -> list[Tensor]:
     """Per-input number of open channels entering each layer (input image first)."""
     counts = [torch.full((batch,), float(spec.in_channels), device=device, dtype=dtype)]
     for layer in trace:
@@ -100,7 +113,11 @@ def expected_mac_ratio(spec: ModelSpec, trace: list[LayerTrace]) -> Tensor:
     if any(p is None for p in probs):
         raise ValueError("expected_mac_ratio needs a gated forward pass (mode != 'off')")
     first = probs[0]
-    counts = [torch.full((first.shape[0],), float(spec.in_channels), device=first.device, dtype=first.dtype)]
+    counts = [
+        torch.full(
+            (first.shape[0],), float(spec.in_channels), device=first.device, dtype=first.dtype
+        )
+    ]
     counts += [p.sum(dim=1) for p in probs]
     expected = _macs_from_counts(spec, counts) + gate_macs(spec)
     return expected.mean() / dense_macs(spec)

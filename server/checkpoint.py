@@ -26,9 +26,12 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A run resumes only under the configuration it was started with (``resume`` aside)."""
     ignore = {"resume", "federation.rounds", "federation.timeout", "output.dir", "output.plots"}
     changed = sorted(
-        key for key in set(saved) | set(current)
+        key
+        for key in set(saved) | set(current)
         if key not in ignore and saved.get(key) != current.get(key)
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
-        raise ValueError(f"cannot resume: the configuration changed since the checkpoint ({details})")
+        raise ValueError(
+            f"cannot resume: the configuration changed since the checkpoint ({details})"
+        )

@@ -54,7 +54,12 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
     deadline = time.monotonic() + cfg.federation.timeout
     while len(node_ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
-            log(WARNING, "only %d of %d nodes connected; continuing with them", len(node_ids), expected)
+            log(
+                WARNING,
+                "only %d of %d nodes connected; continuing with them",
+                len(node_ids),
+                expected,
+            )
             break
         time.sleep(0.5)
     config = encode_config(cfg, **{ROUND_KEY: 0, REG_WEIGHT_KEY: 0.0})
@@ -67,7 +72,12 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
     for reply in grid.send_and_receive(messages, timeout=cfg.federation.timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "node %d left out: it could not set up its task: %s", node, reply.error.reason)
+            log(
+                WARNING,
+                "node %d left out: it could not set up its task: %s",
+                node,
+                reply.error.reason,
+            )
             continue
         info, metrics = reply.content[NODE], reply.content[METRICS]
         role, partition = str(info["role"]), int(info["partition-id"])
@@ -77,7 +87,9 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         members[partition] = node
         shapes.add((int(metrics["channels"]), int(metrics["image-size"])))
     if len(shapes) > 1:
-        raise FederationError(f"nodes disagree on the image shape (channels, size): {sorted(shapes)}")
+        raise FederationError(
+            f"nodes disagree on the image shape (channels, size): {sorted(shapes)}"
+        )
     if len(roster.train) < cfg.federation.clients_per_round:
         raise FederationError(
             f"{len(roster.train)} training nodes answered, federation.clients_per_round is "
@@ -86,8 +98,15 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
     if not roster.target:
         raise FederationError("no target node answered: nothing to evaluate fast adaptation on")
     roster.channels, roster.image_size = shapes.pop()
-    log(INFO, "federation: %d training nodes, %d target nodes, images %dx%dx%d",
-        len(roster.train), len(roster.target), roster.channels, roster.image_size, roster.image_size)
+    log(
+        INFO,
+        "federation: %d training nodes, %d target nodes, images %dx%dx%d",
+        len(roster.train),
+        len(roster.target),
+        roster.channels,
+        roster.image_size,
+        roster.image_size,
+    )
     return roster
 
 
@@ -119,18 +138,27 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
 
     roster = discover(grid, cfg)
     spec = ModelSpec(
-        in_channels=roster.channels, image_size=roster.image_size, num_classes=cfg.task.ways,
-        width=cfg.model.width, depth=cfg.model.depth, gate_hidden=cfg.model.gate_hidden,
+        in_channels=roster.channels,
+        image_size=roster.image_size,
+        num_classes=cfg.task.ways,
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        gate_hidden=cfg.model.gate_hidden,
         gate_bias=cfg.model.gate_bias,
     )
     fed = cfg.federation
     strategy = MetaGater(
-        initial_parameters(spec, cfg.seed), roster.train, roster.target,
+        initial_parameters(spec, cfg.seed),
+        roster.train,
+        roster.target,
         clients_per_round=fed.clients_per_round,
         min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
-        learn_gates=cfg.gating.enabled, optimizer=cfg.meta.optimizer,
-        backbone_lr=cfg.meta.backbone_lr, gate_lr=cfg.meta.gate_lr,
-        eval_nodes=fed.eval_nodes, seed=cfg.seed,
+        learn_gates=cfg.gating.enabled,
+        optimizer=cfg.meta.optimizer,
+        backbone_lr=cfg.meta.backbone_lr,
+        gate_lr=cfg.meta.gate_lr,
+        eval_nodes=fed.eval_nodes,
+        seed=cfg.seed,
     )
     history: list[dict[str, Any]] = []
     first_round, elapsed_before = 1, 0.0
@@ -161,7 +189,9 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         }
         final = server_round == fed.rounds
         if final or server_round % fed.eval_every == 0:
-            messages = strategy.configure_evaluate(server_round, arrays, config, grid, everyone=final)
+            messages = strategy.configure_evaluate(
+                server_round, arrays, config, grid, everyone=final
+            )
             evaluation = strategy.aggregate_evaluate(
                 server_round, grid.send_and_receive(messages, timeout=fed.timeout)
             )
@@ -170,10 +200,16 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         record["seconds"] = time.monotonic() - round_start
         history.append(record)
         _log_round(record, fed.rounds)
-        save_checkpoint(checkpoint_path, {
-            "round": server_round, "strategy": strategy.state_dict(), "history": history,
-            "config": flat, "wall_seconds": elapsed_before + time.monotonic() - started,
-        })
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "round": server_round,
+                "strategy": strategy.state_dict(),
+                "history": history,
+                "config": flat,
+                "wall_seconds": elapsed_before + time.monotonic() - started,
+            },
+        )
         write_json(out_dir / "history.json", history)
 
     final_eval = strategy.last_evaluation or {}
@@ -194,16 +230,28 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     write_json(out_dir / "summary.json", summary)
     if cfg.output.plots:
         plot_history(history, out_dir)
-    log(INFO, "results in %s: accuracy %.4f ± %.4f (before %.4f, nearest centroid %.4f), "
-        "flops_ratio %.3f", out_dir, summary["accuracy"], summary["accuracy_ci95"],
-        summary["accuracy_before"], summary["nearest_centroid_accuracy"], summary["flops_ratio"])
+    log(
+        INFO,
+        "results in %s: accuracy %.4f ± %.4f (before %.4f, nearest centroid %.4f), "
+        "flops_ratio %.3f",
+        out_dir,
+        summary["accuracy"],
+        summary["accuracy_ci95"],
+        summary["accuracy_before"],
+        summary["nearest_centroid_accuracy"],
+        summary["flops_ratio"],
+    )
     return summary
 
 
 def _log_round(record: dict[str, Any], rounds: int) -> None:
-    line = (f"[round {record['round']}/{rounds}] train loss {record['train_loss']:.3f} "
-            f"acc {record['train_accuracy']:.3f} flops {record['train_flops_ratio']:.3f}")
+    line = (
+        f"[round {record['round']}/{rounds}] train loss {record['train_loss']:.3f} "
+        f"acc {record['train_accuracy']:.3f} flops {record['train_flops_ratio']:.3f}"
+    )
     if "accuracy" in record:
-        line += (f" | target acc {record['accuracy']:.3f} (before {record['accuracy_before']:.3f}) "
-                 f"flops {record['flops_ratio']:.3f}")
+        line += (
+            f" | target acc {record['accuracy']:.3f} (before {record['accuracy_before']:.3f}) "
+            f"flops {record['flops_ratio']:.3f}"
+        )
     log(INFO, "%s | %.2fs", line, record["seconds"])

@@ -14,8 +14,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 SUMMARY_KEYS = (
-    "strategy", "dataset", "rounds", "accuracy", "accuracy_ci95", "accuracy_before", "flops_ratio",
-    "macs", "dense_macs", "nearest_centroid_accuracy", "target_tasks", "wall_seconds",
+    "strategy",
+    "dataset",
+    "rounds",
+    "accuracy",
+    "accuracy_ci95",
+    "accuracy_before",
+    "flops_ratio",
+    "macs",
+    "dense_macs",
+    "nearest_centroid_accuracy",
+    "target_tasks",
+    "wall_seconds",
 )
 
 
@@ -45,10 +55,19 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         rounds = [h["round"] for h in evaluated]
         ax.plot(rounds, [h["accuracy"] for h in evaluated], "o-", label="after adaptation")
         ax.plot(rounds, [h["accuracy_before"] for h in evaluated], "s--", label="before adaptation")
-        ax.plot(rounds, [h["nearest_centroid_accuracy"] for h in evaluated], ":", label="nearest centroid")
+        ax.plot(
+            rounds,
+            [h["nearest_centroid_accuracy"] for h in evaluated],
+            ":",
+            label="nearest centroid",
+        )
     train = [h for h in history if "train_accuracy" in h]
-    ax.plot([h["round"] for h in train], [h["train_accuracy"] for h in train], alpha=0.4,
-            label="training nodes (query, after adaptation)")
+    ax.plot(
+        [h["round"] for h in train],
+        [h["train_accuracy"] for h in train],
+        alpha=0.4,
+        label="training nodes (query, after adaptation)",
+    )
     ax.set(xlabel="round", ylabel="accuracy", title="Target-node accuracy", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -58,10 +77,18 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if evaluated:
-        ax.plot([h["round"] for h in evaluated], [h["flops_ratio"] for h in evaluated], "o-",
-                label="target nodes (deterministic gates)")
-    ax.plot([h["round"] for h in train], [h.get("train_flops_ratio", math.nan) for h in train],
-            alpha=0.4, label="training nodes (sampled gates)")
+        ax.plot(
+            [h["round"] for h in evaluated],
+            [h["flops_ratio"] for h in evaluated],
+            "o-",
+            label="target nodes (deterministic gates)",
+        )
+    ax.plot(
+        [h["round"] for h in train],
+        [h.get("train_flops_ratio", math.nan) for h in train],
+        alpha=0.4,
+        label="training nodes (sampled gates)",
+    )
     ax.set(xlabel="round", ylabel="realized MACs / dense MACs", title="flops_ratio")
     ax.legend(fontsize=8)
     fig.tight_layout()

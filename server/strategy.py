@@ -101,9 +101,18 @@ class MetaGater(Strategy):
         self.rng.setstate(state["rng"])
 
     def summary(self) -> None:
-        log(INFO, "\t├──> MetaGater: %d training nodes, %d target nodes, %d clients per round",
-            len(self.train_nodes), len(self.target_nodes), self.clients_per_round)
-        log(INFO, "\t└──> server optimizers: %s", {g: type(o).__name__ for g, o in self.optimizers.items()})
+        log(
+            INFO,
+            "\t├──> MetaGater: %d training nodes, %d target nodes, %d clients per round",
+            len(self.train_nodes),
+            len(self.target_nodes),
+            self.clients_per_round,
+        )
+        log(
+            INFO,
+            "\t└──> server optimizers: %s",
+            {g: type(o).__name__ for g, o in self.optimizers.items()},
+        )
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -126,15 +135,22 @@ class MetaGater(Strategy):
             if problem is None:
                 valid.append(msg)
             else:
-                log(WARNING, "round %d: reply from node %d left out: %s",
-                    server_round, msg.metadata.src_node_id, problem)
+                log(
+                    WARNING,
+                    "round %d: reply from node %d left out: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    problem,
+                )
         if len(valid) < self.min_train_replies:
             raise RoundFailed(
                 f"round {server_round}: {len(valid)} usable replies, at least "
                 f"{self.min_train_replies} needed (federation.min_train_replies)"
             )
         # A fixed order makes the floating-point sum, and so a resumed run, reproducible.
-        valid.sort(key=lambda m: int(m.content[METRICS].get("partition-id", m.metadata.src_node_id)))
+        valid.sort(
+            key=lambda m: int(m.content[METRICS].get("partition-id", m.metadata.src_node_id))
+        )
         weights = torch.tensor([float(m.content[METRICS][NUM_EXAMPLES]) for m in valid])
         weights = weights / weights.sum()
 
@@ -142,7 +158,10 @@ class MetaGater(Strategy):
             optimizer.zero_grad(set_to_none=True)
         for name in self.learned:
             stacked = torch.stack(
-                [torch.from_numpy(m.content[UPDATE][name].numpy()).to(self.params[name].dtype) for m in valid]
+                [
+                    torch.from_numpy(m.content[UPDATE][name].numpy()).to(self.params[name].dtype)
+                    for m in valid
+                ]
             )
             self.params[name].grad = torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
         for optimizer in self.optimizers.values():
@@ -157,7 +176,11 @@ class MetaGater(Strategy):
 
     # --------------------------------------------------------------- evaluate
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
         everyone: bool = True,
     ) -> Iterable[Message]:
         partitions = sorted(self.target_nodes)
@@ -169,12 +192,19 @@ class MetaGater(Strategy):
             for p in partitions
         ]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         results = []
         for msg in replies:
             if msg.has_error():
-                log(WARNING, "round %d: evaluation on node %d failed: %s",
-                    server_round, msg.metadata.src_node_id, msg.error.reason)
+                log(
+                    WARNING,
+                    "round %d: evaluation on node %d failed: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
             elif METRICS in msg.content.metric_records:
                 results.append(msg.content[METRICS])
         if not results:
@@ -189,7 +219,9 @@ class MetaGater(Strategy):
             "flops_ratio": float(np.mean([r["flops-ratio"] for r in results])),
             "macs": float(np.mean([r["macs"] for r in results])),
             "dense_macs": float(results[0]["dense-macs"]),
-            "nearest_centroid_accuracy": float(np.mean([r["nearest-centroid-accuracy"] for r in results])),
+            "nearest_centroid_accuracy": float(
+                np.mean([r["nearest-centroid-accuracy"] for r in results])
+            ),
             "target_tasks": len(results),
         }
         self.last_evaluation = {**aggregated, "layer_active": [float(v) for v in layer_active]}

@@ -105,13 +105,33 @@ def test_expected_ratio_follows_gate_probabilities():
     spec = ModelSpec(in_channels=1, image_size=8, width=8, depth=2)
     model = GatedConvNet(spec)
     images = torch.rand(4, 1, 8, 8)
-    open_ratio = float(expected_mac_ratio(spec, model(images, mode=GateMode.HARD).trace))
-    assert open_ratio == pytest.approx(1 + gate_macs(spec) / dense_macs(spec), rel=0.02)
+    trace = model(images, mode=GateMode.HARD).trace
+    # By hand: E[open channels] per layer from the probabilities, costs as in the dense count.
+    e1, e2 = (layer.prob.sum(dim=1) for layer in trace)
+    s = spec.layer_sizes()
+    by_hand = (
+        9 * s[0] ** 2 * 1 * e1 + 9 * s[1] ** 2 * e1 * e2 + e2 * s[2] ** 2 * spec.num_classes
+    ).mean() + gate_macs(spec)
+    ratio = expected_mac_ratio(spec, trace)
+    assert float(ratio) == pytest.approx(float(by_hand) / dense_macs(spec), rel=1e-6)
+    # It is differentiable with respect to the gates (the regularizer trains them).
+    ratio.backward()
+    assert all(gate.fc2.bias.grad.abs().sum() > 0 for gate in model.gate)
+
     with torch.no_grad():
         for gate in model.gate:
-            gate.fc2.bias.fill_(-8.0)  # almost surely closed
+            gate.fc2.bias.fill_(30.0)  # surely open: the dense cost plus the gates'
     trace = model(images, mode=GateMode.HARD).trace
-    assert float(expected_mac_ratio(spec, trace)) < 0.05
+    assert float(expected_mac_ratio(spec, trace)) == pytest.approx(
+        1 + gate_macs(spec) / dense_macs(spec)
+    )
+    with torch.no_grad():
+        for gate in model.gate:
+            gate.fc2.bias.fill_(-30.0)  # surely closed: only the gates' own cost is left
+    trace = model(images, mode=GateMode.HARD).trace
+    assert float(expected_mac_ratio(spec, trace)) == pytest.approx(
+        gate_macs(spec) / dense_macs(spec)
+    )
     assert float(gate_regularizer(spec, trace, target_ratio=0.5)) == 0.0
 
 
@@ -141,8 +161,9 @@ def test_second_order_gradient_through_inner_step_matches_finite_differences(dig
         torch.manual_seed(11)  # the same logistic noise in every evaluation
         theta = {k: v.clone().requires_grad_(True) for k, v in backbone.items()}
         out = functional_call(model, {**theta, **gate_params}, (support[0],), {"mode": "soft"})
-        grads = torch.autograd.grad(F.cross_entropy(out.logits, support[1]), list(theta.values()),
-                                    create_graph=True)
+        grads = torch.autograd.grad(
+            F.cross_entropy(out.logits, support[1]), list(theta.values()), create_graph=True
+        )
         adapted = {k: v - inner_lr * g for (k, v), g in zip(theta.items(), grads, strict=True)}
         out = functional_call(model, {**adapted, **gate_params}, (query[0],), {"mode": "soft"})
         return F.cross_entropy(out.logits, query[1])

@@ -1,4 +1,4 @@
-"""Meta-gradients against independent computations: finite differences and a hand-unrolled update."""
+"""Meta-gradients against independent references: finite differences, a hand-unrolled update."""
 
 from __future__ import annotations
 
@@ -32,17 +32,20 @@ def task() -> tuple[Batch, Batch]:
 
 def tiny_model(seed: int = 0) -> tuple[GatedConvNet, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
-    model = GatedConvNet(ModelSpec(in_channels=1, image_size=8, num_classes=WAYS, width=4, depth=2,
-                                   gate_hidden=3)).double()
+    model = GatedConvNet(
+        ModelSpec(in_channels=1, image_size=8, num_classes=WAYS, width=4, depth=2, gate_hidden=3)
+    ).double()
     params = {k: v.detach().clone() for g in parameter_groups(model).values() for k, v in g.items()}
     return model, params
 
 
 CONFIGS = {
-    "backbone_first": MetaConfig(order="backbone_first", backbone_lr=0.3, gate_lr=0.7,
-                                 reg_weight=0.5, target_ratio=0.3),
-    "gate_first": MetaConfig(order="gate_first", backbone_lr=0.3, gate_lr=0.7,
-                             reg_weight=0.5, target_ratio=0.3),
+    "backbone_first": MetaConfig(
+        order="backbone_first", backbone_lr=0.3, gate_lr=0.7, reg_weight=0.5, target_ratio=0.3
+    ),
+    "gate_first": MetaConfig(
+        order="gate_first", backbone_lr=0.3, gate_lr=0.7, reg_weight=0.5, target_ratio=0.3
+    ),
 }
 
 
@@ -71,9 +74,13 @@ def test_second_order_meta_gradient_matches_finite_differences(task, order):
                 probe = {k: v.clone().requires_grad_(True) for k, v in params.items()}
                 with torch.no_grad():
                     probe[name].view(-1)[index] += sign * eps
-                losses.append(float(meta_objective(model, probe, support, query, cfg, noise_seed=5)))
+                losses.append(
+                    float(meta_objective(model, probe, support, query, cfg, noise_seed=5))
+                )
             numeric = (losses[0] - losses[1]) / (2 * eps)
-            assert step.grads[name].view(-1)[index].item() == pytest.approx(numeric, rel=1e-4, abs=1e-7), name
+            assert step.grads[name].reshape(-1)[index].item() == pytest.approx(
+                numeric, rel=1e-4, abs=1e-7
+            ), name
 
 
 def hand_unrolled(model, params, support, query, cfg: MetaConfig, first_order: bool):
@@ -84,13 +91,17 @@ def hand_unrolled(model, params, support, query, cfg: MetaConfig, first_order: b
     phi = {n: params[n].clone().requires_grad_(True) for n in names_g}
 
     def loss(th, ph, batch):
-        out = functional_call(model, {**th, **ph}, (batch.x,), {"mode": "hard", "temperature": cfg.temperature})
+        out = functional_call(
+            model, {**th, **ph}, (batch.x,), {"mode": "hard", "temperature": cfg.temperature}
+        )
         reg = gate_regularizer(model.spec, out.trace, cfg.target_ratio)
         return F.cross_entropy(out.logits, batch.y) + cfg.reg_weight * reg
 
     def step(group: dict, other: dict, lr: float, backbone: bool):
         args = (group, other) if backbone else (other, group)
-        grads = torch.autograd.grad(loss(*args, support), list(group.values()), create_graph=not first_order)
+        grads = torch.autograd.grad(
+            loss(*args, support), list(group.values()), create_graph=not first_order
+        )
         return {n: v - lr * g for (n, v), g in zip(group.items(), grads, strict=True)}
 
     if cfg.order == "backbone_first":
