@@ -89,10 +89,10 @@ class StrategyConfig:
 @dataclass
 class FederationConfig:
     train_nodes: int = 20
-    target_nodes: int = 10
+    target_nodes: int = 20
     clients_per_round: int = 5
-    rounds: int = 100
-    eval_every: int = 20
+    rounds: int = 300
+    eval_every: int = 50
     eval_nodes: int = 0  # target nodes per intermediate evaluation; 0 = all (final: always all)
     min_train_replies: int = 0  # valid replies a round needs; 0 = clients_per_round // 2 + 1
     timeout: float = 600.0  # seconds to wait for replies in one round
