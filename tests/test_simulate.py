@@ -1,0 +1,146 @@
+"""`python simulate.py` as a user runs it: config errors, a Ray federation, interrupt and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "federation=tiny",
+    "federation.train_nodes=4",
+    "federation.target_nodes=3",
+    "federation.clients_per_round=2",
+    "model.width=16",
+    "task.queries=5",
+]
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr_home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def simulate(tmp_path: Path, run_dir: Path, *overrides: str, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("federation.roundz=3", "roundz"),
+        ("gating.lamda=0.5", "lamda"),
+        ("federation.rounds=many", "federation.rounds"),
+        ("adapt.order=sideways", "adapt.order"),
+        ("strategy=fedmagic", "fedmagic"),
+    ],
+)
+def test_a_mistyped_or_invalid_key_fails_naming_it(tmp_path, override, named):
+    result = simulate(tmp_path, tmp_path / "run", override, timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.ray
+def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
+    run = tmp_path / "run"
+    result = simulate(tmp_path, run, *TINY, "federation.rounds=12", "federation.eval_every=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in (
+        "config.yaml",
+        "history.json",
+        "summary.json",
+        "checkpoint.pt",
+        "accuracy.png",
+        "flops_ratio.png",
+    ):
+        assert (run / name).stat().st_size > 0, name
+    history = json.loads((run / "history.json").read_text())
+    assert [h["round"] for h in history] == list(range(1, 13))
+    assert "accuracy" in history[5] and "accuracy" not in history[4]
+    summary = json.loads((run / "summary.json").read_text())
+    expected = {
+        "strategy",
+        "dataset",
+        "rounds",
+        "accuracy",
+        "accuracy_ci95",
+        "accuracy_before",
+        "flops_ratio",
+        "macs",
+        "dense_macs",
+        "nearest_centroid_accuracy",
+        "target_tasks",
+        "wall_seconds",
+    }
+    assert expected <= set(summary)
+    assert summary["target_tasks"] == 3 and summary["rounds"] == 12
+    assert summary["accuracy"] > summary["accuracy_before"] + 0.1
+    assert 0 < summary["flops_ratio"] <= 1.05
+    assert "[round 12/12]" in result.stdout + result.stderr  # progress is shown
+    # A finished run is never overwritten by accident.
+    again = simulate(tmp_path, run, *TINY, "federation.rounds=12")
+    assert again.returncode != 0 and "resume=true" in again.stderr + again.stdout
+
+
+@pytest.mark.ray
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
+    overrides = [*TINY, "federation.rounds=6", "federation.eval_every=3", "output.plots=false"]
+    straight = tmp_path / "straight"
+    assert simulate(tmp_path, straight, *overrides).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={interrupted}"],
+        cwd=ROOT,
+        env=env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            history = interrupted / "history.json"
+            if history.exists() and len(json.loads(history.read_text() or "[]")) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never reached round 3")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # as abrupt as a crash or a lost machine
+        process.wait(timeout=60)
+    assert not (interrupted / "summary.json").exists()
+
+    resumed = simulate(tmp_path, interrupted, *overrides, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming after round" in resumed.stdout + resumed.stderr
+    final_a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    final_b = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    assert final_b["round"] == final_a["round"] == 6
+    for name, value in final_a["strategy"]["params"].items():
+        torch.testing.assert_close(final_b["strategy"]["params"][name], value, rtol=0, atol=0)
+    history_a = json.loads((straight / "history.json").read_text())
+    history_b = json.loads((interrupted / "history.json").read_text())
+    assert [h["train_loss"] for h in history_a] == [h["train_loss"] for h in history_b]

@@ -1,0 +1,237 @@
+"""The MetaGater strategy on hand-made replies: weighted average, Adam per group, rejections."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.protocol import METRICS, NUM_EXAMPLES, UPDATE
+from server.strategy import MetaGater, mean_ci95
+from server.validation import RoundFailed
+
+PARAMS = {
+    "backbone.w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]),
+    "backbone.b": torch.tensor([0.1, -0.1]),
+    "gate.w": torch.tensor([2.0, 4.0, -1.0]),
+}
+TRAIN = {1: 101, 2: 102, 3: 103}  # partition id -> node id
+TARGET = {4: 104, 5: 105}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages need a run identity, as inside a Flower run."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def make_strategy(**overrides) -> MetaGater:
+    options = dict(
+        clients_per_round=3,
+        min_train_replies=2,
+        learn_gates=True,
+        optimizer="adam",
+        backbone_lr=0.01,
+        gate_lr=0.1,
+        seed=0,
+    )
+    options.update(overrides)
+    return MetaGater(PARAMS, TRAIN, TARGET, **options)
+
+
+def sent(strategy: MetaGater, server_round: int = 1) -> list[Message]:
+    return list(
+        strategy.configure_train(server_round, strategy.arrays(), ConfigRecord({}), grid=None)
+    )
+
+
+def reply(to: Message, grads: dict[str, np.ndarray], examples: float, partition: int) -> Message:
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: examples,
+            "query-loss": 1.0,
+            "query-accuracy": 0.5,
+            "flops-ratio": 0.7,
+            "partition-id": partition,
+        }
+    )
+    update = ArrayRecord({k: Array(np.asarray(v)) for k, v in grads.items()})
+    return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=to)
+
+
+def random_grads(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=v.shape).astype(np.float32) for k, v in PARAMS.items()}
+
+
+def adam_by_hand(p, grads_per_step, lr, b1=0.9, b2=0.999, eps=1e-8):
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads_per_step, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    return p
+
+
+def test_update_is_weighted_average_then_one_adam_step_per_group_with_state_kept():
+    strategy = make_strategy()
+    weights = {1: 10.0, 2: 30.0, 3: 60.0}
+    averages = []
+    for server_round in (1, 2):
+        messages = sent(strategy, server_round)
+        assert sorted(strategy.train_nodes[p] for p in TRAIN) == sorted(
+            m.metadata.dst_node_id for m in messages
+        )
+        grads = {p: random_grads(10 * server_round + p) for p in TRAIN}
+        node_to_partition = {v: k for k, v in TRAIN.items()}
+        replies = [
+            reply(
+                m,
+                grads[node_to_partition[m.metadata.dst_node_id]],
+                weights[node_to_partition[m.metadata.dst_node_id]],
+                node_to_partition[m.metadata.dst_node_id],
+            )
+            for m in messages
+        ]
+        total = sum(weights.values())
+        averages.append(
+            {
+                k: sum(weights[p] / total * grads[p][k].astype(np.float64) for p in TRAIN)
+                for k in PARAMS
+            }
+        )
+        arrays, metrics = strategy.aggregate_train(server_round, reversed(replies))
+        assert metrics["replies"] == 3
+        assert metrics["query-accuracy"] == pytest.approx(0.5)
+
+    result = arrays.to_torch_state_dict()
+    for name, start in PARAMS.items():
+        lr = 0.1 if name.startswith("gate.") else 0.01
+        expected = adam_by_hand(start.numpy().astype(np.float64), [a[name] for a in averages], lr)
+        np.testing.assert_allclose(result[name].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_replies_are_left_out_and_the_rest_still_averaged(caplog):
+    strategy = make_strategy(optimizer="sgd", backbone_lr=1.0, gate_lr=1.0, min_train_replies=1)
+    first, second, third = sent(strategy)
+    good = random_grads(1)
+    nan = random_grads(2)
+    nan["gate.w"][1] = np.nan
+    wrong_shape = random_grads(3)
+    wrong_shape["backbone.w"] = np.zeros((3, 2), np.float32)
+    replies = [reply(first, good, 5, 1), reply(second, nan, 5, 2), reply(third, wrong_shape, 5, 3)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["replies"] == 1
+    for name, start in PARAMS.items():  # plain SGD with lr 1: params - the one good gradient
+        np.testing.assert_allclose(arrays[name].numpy(), start.numpy() - good[name], rtol=1e-6)
+    assert "non-finite" in caplog.text and "shape (3, 2)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    ["error", "missing-tensor", "extra-tensor", "no-examples", "int-dtype"],
+)
+def test_each_kind_of_malformed_reply_is_rejected(breakage):
+    strategy = make_strategy(min_train_replies=3)
+    messages = sent(strategy)
+    replies = [reply(m, random_grads(i), 5, i) for i, m in enumerate(messages[:2])]
+    grads, examples = random_grads(9), 5.0
+    if breakage == "missing-tensor":
+        del grads["gate.w"]
+    elif breakage == "extra-tensor":
+        grads["gate.extra"] = np.ones(2, np.float32)
+    elif breakage == "no-examples":
+        examples = 0
+    if breakage == "error":
+        replies.append(Message(Error(code=1, reason="client crashed"), reply_to=messages[2]))
+    elif breakage == "int-dtype":
+        bad = reply(messages[2], grads, examples, 2)
+        bad.content[UPDATE]["gate.w"] = Array(np.ones(3, np.int64))
+        replies.append(bad)
+    else:
+        replies.append(reply(messages[2], grads, examples, 2))
+    with pytest.raises(RoundFailed, match="2 usable replies, at least 3 needed"):
+        strategy.aggregate_train(1, replies)
+
+
+def test_too_few_replies_fail_the_round_and_leave_parameters_untouched():
+    strategy = make_strategy(min_train_replies=2)
+    before = {k: v.detach().clone() for k, v in strategy.params.items()}
+    first = sent(strategy)[0]
+    with pytest.raises(RoundFailed, match="round 1: 1 usable replies"):
+        strategy.aggregate_train(1, [reply(first, random_grads(0), 5, 1)])
+    for name, value in before.items():
+        torch.testing.assert_close(strategy.params[name].detach(), value)
+
+
+def test_dense_strategy_expects_and_updates_only_the_backbone():
+    strategy = make_strategy(learn_gates=False, optimizer="sgd", backbone_lr=1.0)
+    messages = sent(strategy)
+    backbone_only = {k: v for k, v in random_grads(4).items() if k.startswith("backbone.")}
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(m, backbone_only, 1, i) for i, m in enumerate(messages)]
+    )
+    np.testing.assert_array_equal(arrays["gate.w"].numpy(), PARAMS["gate.w"].numpy())
+    np.testing.assert_allclose(
+        arrays["backbone.b"].numpy(),
+        PARAMS["backbone.b"].numpy() - backbone_only["backbone.b"],
+        rtol=1e-6,
+    )
+
+
+def test_sampling_is_seeded_by_partition_and_state_round_trips():
+    a, b = make_strategy(clients_per_round=2), make_strategy(clients_per_round=2)
+    picks_a = [sorted(m.metadata.dst_node_id for m in sent(a, r)) for r in range(5)]
+    state = a.state_dict()
+    b.load_state_dict(state)
+    assert [sorted(m.metadata.dst_node_id for m in sent(a, r)) for r in range(5)] == [
+        sorted(m.metadata.dst_node_id for m in sent(b, r)) for r in range(5)
+    ]
+    assert len({tuple(p) for p in picks_a}) > 1  # it does sample, not always the same nodes
+
+
+def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_interval():
+    strategy = make_strategy()
+    messages = list(strategy.configure_evaluate(3, strategy.arrays(), ConfigRecord({}), grid=None))
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(TARGET.values())
+    accuracies = [0.6, 0.9]
+    replies = [
+        Message(
+            RecordDict(
+                {
+                    METRICS: MetricRecord(
+                        {
+                            NUM_EXAMPLES: 10,
+                            "accuracy": acc,
+                            "accuracy-before": 0.2,
+                            "loss": 1.0,
+                            "flops-ratio": 0.5,
+                            "macs": 100.0,
+                            "dense-macs": 200.0,
+                            "layer-active": [1.0, 0.5],
+                            "nearest-centroid-accuracy": 0.7,
+                            "partition-id": 4 + i,
+                        }
+                    )
+                }
+            ),
+            reply_to=m,
+        )
+        for i, (m, acc) in enumerate(zip(messages, accuracies, strict=True))
+    ]
+    metrics = strategy.aggregate_evaluate(3, replies)
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["accuracy_ci95"] == pytest.approx(
+        1.96 * np.std(accuracies, ddof=1) / math.sqrt(2)
+    )
+    assert metrics["target_tasks"] == 2
+    assert strategy.last_evaluation["layer_active"] == [1.0, 0.5]
+    mean, half = mean_ci95([1.0])
+    assert mean == 1.0 and math.isnan(half)
