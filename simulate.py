@@ -54,9 +54,17 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
     )
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Fail in one clear line, before Ray starts, when the dataset cannot be read at all."""
+    from client.data import load_dataset
+
+    load_dataset(cfg.dataset.name, cfg.dataset.path, cfg.dataset.image_size)
+
+
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     validate(cfg)
+    preflight(cfg)
     simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 

@@ -144,3 +144,11 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     history_a = json.loads((straight / "history.json").read_text())
     history_b = json.loads((interrupted / "history.json").read_text())
     assert [h["train_loss"] for h in history_a] == [h["train_loss"] for h in history_b]
+
+
+def test_a_missing_dataset_fails_before_ray_starts_and_says_how_to_get_it(tmp_path):
+    result = simulate(tmp_path, tmp_path / "run", "dataset=npz", f"dataset.path={tmp_path}/no.npz")
+    assert result.returncode != 0
+    assert "no.npz" in result.stderr and "Ray" not in result.stderr
+    mnist = simulate(tmp_path, tmp_path / "run2", "dataset=mnist")
+    assert mnist.returncode != 0 and "dataset-fashion-mnist" in mnist.stderr
