@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.local import fedavg_update, perfedavg_update
 from client.meta import Batch, evaluate_adaptation, meta_gradients
 from client.nearest_centroid import nearest_centroid_accuracy
 from client.node import meta_config, model_for, model_spec, node_task, seed_torch
@@ -44,38 +45,71 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Meta-gradients of the query loss through Adapt, averaged over this round's episodes."""
+    """This node's update direction for the round: meta-gradients (metagater, fedmeta) or the
+    local-training pseudo-gradient of the dense baselines (fedavg, perfedavg)."""
     cfg, per_round = decode_config(msg.content[CONFIG])
     server_round = int(per_round[ROUND_KEY])
     task = node_task(cfg, dict(context.node_config))
     if task.role != "train":
-        raise RuntimeError(
-            f"partition {task.partition_id} is a {task.role} node, not a training node"
-        )
+        raise RuntimeError(f"partition {task.partition_id} is a {task.role} node, not for training")
     model = model_for(model_spec(cfg, task))
     meta_cfg = meta_config(cfg, float(per_round[REG_WEIGHT_KEY]))
     params = msg.content[ARRAYS].to_torch_state_dict()
-
     seed_torch(cfg.seed, task.partition_id, server_round)
     rng = np.random.default_rng([cfg.seed, task.partition_id, server_round])
-    steps = []
-    for _ in range(cfg.task.tasks_per_client):
-        episode = task.episode(rng)
-        support = Batch(episode.support_x, episode.support_y)
-        query_batch = Batch(episode.query_x, episode.query_y)
-        steps.append(meta_gradients(model, params, support, query_batch, meta_cfg))
-    grads = {name: torch.stack([s.grads[name] for s in steps]).mean(0) for name in steps[0].grads}
+
+    def episode() -> tuple[Batch, Batch]:
+        drawn = task.episode(rng)
+        return Batch(drawn.support_x, drawn.support_y), Batch(drawn.query_x, drawn.query_y)
+
+    name = cfg.strategy.name
+    if name == "fedavg":
+        step = fedavg_update(
+            model, params, lambda: merge(*episode()), meta_cfg, cfg.local.lr, cfg.local.steps
+        )
+        update, examples, flops = step.update, cfg.local.steps * task.spec.ways, 1.0
+        loss, accuracy = step.loss, step.accuracy
+    elif name == "perfedavg":
+        step = perfedavg_update(
+            model,
+            params,
+            lambda: (*episode(), episode()[0]),
+            meta_cfg,
+            alpha=cfg.adapt.backbone_lr,
+            beta=cfg.local.lr,
+            steps=cfg.local.steps,
+            hessian_free=not cfg.meta.first_order,
+            delta=cfg.local.hessian_delta,
+        )
+        update, examples, flops = step.update, cfg.local.steps * task.spec.ways, 1.0
+        loss, accuracy = step.loss, step.accuracy
+    else:
+        steps = [
+            meta_gradients(model, params, *episode(), meta_cfg)
+            for _ in range(cfg.task.tasks_per_client)
+        ]
+        update = {n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads}
+        examples = len(steps) * task.spec.ways * task.spec.queries
+        loss = float(np.mean([s.query_loss for s in steps]))
+        accuracy = float(np.mean([s.query_accuracy for s in steps]))
+        flops = float(np.mean([s.flops_ratio for s in steps]))
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: len(episode.query_y) * len(steps),
-            "query-loss": float(np.mean([s.query_loss for s in steps])),
-            "query-accuracy": float(np.mean([s.query_accuracy for s in steps])),
-            "flops-ratio": float(np.mean([s.flops_ratio for s in steps])),
+            NUM_EXAMPLES: examples,
+            "query-loss": loss,
+            "query-accuracy": accuracy,
+            "flops-ratio": flops,
             "partition-id": task.partition_id,
         }
     )
-    update = ArrayRecord.from_torch_state_dict(grads)
-    return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
+    return Message(
+        RecordDict({UPDATE: ArrayRecord.from_torch_state_dict(update), METRICS: metrics}),
+        reply_to=msg,
+    )
+
+
+def merge(support: Batch, query: Batch) -> Batch:
+    return Batch(torch.cat([support.x, query.x]), torch.cat([support.y, query.y]))
 
 
 @app.evaluate()

@@ -12,7 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STRATEGIES = ("metagater", "metagater_fo", "fedmeta")
+STRATEGIES = ("metagater", "metagater_fo", "fedmeta", "fedavg", "perfedavg")
+GATED_STRATEGIES = ("metagater", "metagater_fo")
 DATASETS = ("digits", "fashion_mnist", "mnist", "omniglot", "npz")
 
 
@@ -82,6 +83,15 @@ class MetaOptConfig:
 
 
 @dataclass
+class LocalConfig:
+    """Local training of the dense baselines (fedavg, perfedavg) on each sampled node."""
+
+    steps: int = 4  # local steps per round, each on a fresh episode of the node's data
+    lr: float = 0.05  # fedavg's SGD step; perfedavg's outer step beta (alpha is adapt.backbone_lr)
+    hessian_delta: float = 1e-3  # perfedavg Hessian-free finite-difference step
+
+
+@dataclass
 class StrategyConfig:
     name: str = "metagater"
 
@@ -119,6 +129,7 @@ class RunConfig:
     gating: GatingConfig = field(default_factory=GatingConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     meta: MetaOptConfig = field(default_factory=MetaOptConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -132,6 +143,16 @@ def validate(cfg: DictConfig) -> DictConfig:
     checks = [
         ("strategy.name", cfg.strategy.name in STRATEGIES, f"one of {STRATEGIES}"),
         ("dataset.name", cfg.dataset.name in DATASETS, f"one of {DATASETS}"),
+        (
+            "gating.enabled",
+            cfg.gating.enabled == (cfg.strategy.name in GATED_STRATEGIES),
+            f"true exactly for the gated strategies {GATED_STRATEGIES}",
+        ),
+        (
+            "meta.first_order",
+            cfg.meta.first_order or cfg.strategy.name != "metagater_fo",
+            "true for metagater_fo (that is what the name means)",
+        ),
         (
             "adapt.order",
             cfg.adapt.order in ("backbone_first", "gate_first"),

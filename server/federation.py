@@ -22,7 +22,7 @@ from conf.schema import to_flat
 from gating import GatedConvNet, ModelSpec, dense_macs
 from server.checkpoint import CHECKPOINT_NAME, check_resumable, load_checkpoint, save_checkpoint
 from server.results import SUMMARY_KEYS, plot_history, write_json
-from server.strategy import MetaGater
+from server.strategy import STRATEGY_CLASSES
 
 
 class FederationError(RuntimeError):
@@ -147,13 +147,12 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         gate_bias=cfg.model.gate_bias,
     )
     fed = cfg.federation
-    strategy = MetaGater(
+    strategy = STRATEGY_CLASSES[cfg.strategy.name](
         initial_parameters(spec, cfg.seed),
         roster.train,
         roster.target,
         clients_per_round=fed.clients_per_round,
         min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
-        learn_gates=cfg.gating.enabled,
         optimizer=cfg.meta.optimizer,
         backbone_lr=cfg.meta.backbone_lr,
         gate_lr=cfg.meta.gate_lr,

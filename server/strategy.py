@@ -1,7 +1,11 @@
-"""The MetaGater strategy: average client meta-gradients, step separate server optimizers.
+"""Strategies: average the clients' update directions, step separate server optimizers.
 
-A real Flower ``Strategy``; the round loop in ``server.federation`` drives it (it adds discovery,
-checkpoints and results that ``Strategy.start`` has no place for).
+Every strategy here is a real Flower ``Strategy``. They share one mechanism (sample training
+nodes, validate and average replies weighted by examples, one server optimizer per parameter
+group, evaluate fast adaptation at target nodes) and differ in what the clients send, which the
+clients read from the run configuration, and in which groups are learned. The round loop in
+``server.federation`` drives them (it adds discovery, checkpoints and results, which
+``Strategy.start`` has no place for).
 """
 
 from __future__ import annotations
@@ -42,13 +46,15 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(1.96 * array.std(ddof=1) / math.sqrt(len(array)))
 
 
-class MetaGater(Strategy):
+class ServerOptimizerStrategy(Strategy):
     """Separate server optimizers for backbone and gate, state kept across rounds.
 
     ``train_nodes``/``target_nodes`` map partition ids to node ids; sampling is over sorted
     partition ids with the strategy's own seeded ``random.Random``, so a resumed run (new node
     ids) samples the same nodes as an uninterrupted one.
     """
+
+    learns_gates = True
 
     def __init__(
         self,
@@ -58,7 +64,6 @@ class MetaGater(Strategy):
         *,
         clients_per_round: int,
         min_train_replies: int,
-        learn_gates: bool,
         optimizer: str = "adam",
         backbone_lr: float = 1e-3,
         gate_lr: float = 1e-3,
@@ -71,7 +76,7 @@ class MetaGater(Strategy):
         self.clients_per_round = clients_per_round
         self.min_train_replies = min_train_replies
         self.eval_nodes = eval_nodes
-        self.learned = [n for n in self.params if learn_gates or n.startswith(f"{BACKBONE}.")]
+        self.learned = [n for n in self.params if self.learns_gates or n.startswith(f"{BACKBONE}.")]
         lrs = {BACKBONE: backbone_lr, GATE: gate_lr}
         self.optimizers = {
             group: make_optimizer(optimizer, members, lrs[group])
@@ -104,6 +109,7 @@ class MetaGater(Strategy):
         log(
             INFO,
             "\t├──> MetaGater: %d training nodes, %d target nodes, %d clients per round",
+            type(self).__name__,
             len(self.train_nodes),
             len(self.target_nodes),
             self.clients_per_round,
@@ -226,3 +232,37 @@ class MetaGater(Strategy):
         }
         self.last_evaluation = {**aggregated, "layer_active": [float(v) for v in layer_active]}
         return MetricRecord({k: v for k, v in aggregated.items() if not math.isnan(v)})
+
+
+class MetaGater(ServerOptimizerStrategy):
+    """Clients send meta-gradients of backbone and gates through the two-stage adaptation
+    (second order, or first order for ``metagater_fo``)."""
+
+
+class FedMeta(ServerOptimizerStrategy):
+    """Federated MAML of the dense backbone: MetaGater with gating off."""
+
+    learns_gates = False
+
+
+class FedAvg(ServerOptimizerStrategy):
+    """FedAvg of the dense backbone: clients send ``theta - theta_local`` after local SGD; server
+    SGD with learning rate 1 on its weighted average is exactly the weighted model average."""
+
+    learns_gates = False
+
+
+class PerFedAvg(ServerOptimizerStrategy):
+    """Per-FedAvg (first-order or Hessian-free): clients send ``theta - theta_local`` after local
+    Per-FedAvg steps; the server averages as FedAvg does."""
+
+    learns_gates = False
+
+
+STRATEGY_CLASSES: dict[str, type[ServerOptimizerStrategy]] = {
+    "metagater": MetaGater,
+    "metagater_fo": MetaGater,
+    "fedmeta": FedMeta,
+    "fedavg": FedAvg,
+    "perfedavg": PerFedAvg,
+}

@@ -152,3 +152,25 @@ def test_a_missing_dataset_fails_before_ray_starts_and_says_how_to_get_it(tmp_pa
     assert "no.npz" in result.stderr and "Ray" not in result.stderr
     mnist = simulate(tmp_path, tmp_path / "run2", "dataset=mnist")
     assert mnist.returncode != 0 and "dataset-fashion-mnist" in mnist.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [
+        ("metagater_fo", []),
+        ("fedmeta", []),
+        ("fedavg", []),
+        ("perfedavg", []),
+        ("perfedavg", ["meta.first_order=true"]),
+    ],
+)
+def test_every_strategy_runs_end_to_end_on_digits(tmp_path, strategy, extra):
+    run = tmp_path / "run"
+    result = simulate(tmp_path, run, *TINY, f"strategy={strategy}", *extra, "output.plots=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategy"] == strategy and summary["target_tasks"] == 3
+    assert 0 <= summary["accuracy"] <= 1
+    gated = strategy.startswith("metagater")
+    assert (summary["flops_ratio"] != 1.0) == gated  # dense baselines pay exactly the dense price

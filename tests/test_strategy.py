@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.protocol import METRICS, NUM_EXAMPLES, UPDATE
-from server.strategy import MetaGater, mean_ci95
+from server.strategy import FedMeta, MetaGater, mean_ci95
 from server.validation import RoundFailed
 
 PARAMS = {
@@ -32,18 +32,17 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def make_strategy(**overrides) -> MetaGater:
+def make_strategy(cls=MetaGater, **overrides) -> MetaGater:
     options = dict(
         clients_per_round=3,
         min_train_replies=2,
-        learn_gates=True,
         optimizer="adam",
         backbone_lr=0.01,
         gate_lr=0.1,
         seed=0,
     )
     options.update(overrides)
-    return MetaGater(PARAMS, TRAIN, TARGET, **options)
+    return cls(PARAMS, TRAIN, TARGET, **options)
 
 
 def sent(strategy: MetaGater, server_round: int = 1) -> list[Message]:
@@ -172,7 +171,7 @@ def test_too_few_replies_fail_the_round_and_leave_parameters_untouched():
 
 
 def test_dense_strategy_expects_and_updates_only_the_backbone():
-    strategy = make_strategy(learn_gates=False, optimizer="sgd", backbone_lr=1.0)
+    strategy = make_strategy(FedMeta, optimizer="sgd", backbone_lr=1.0)
     messages = sent(strategy)
     backbone_only = {k: v for k, v in random_grads(4).items() if k.startswith("backbone.")}
     arrays, _ = strategy.aggregate_train(
