@@ -11,6 +11,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -184,6 +185,7 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
             "train_accuracy": train_metrics["query-accuracy"],
             "train_flops_ratio": train_metrics["flops-ratio"],
             "replies": train_metrics["replies"],
+            "bytes_per_client": train_metrics["bytes-down"] + train_metrics["bytes-up"],
             "reg_weight": config[REG_WEIGHT_KEY],
         }
         final = server_round == fed.rounds
@@ -221,6 +223,8 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         **{k: final_eval[k] for k in SUMMARY_KEYS if k in final_eval},
         "dense_macs": dense_macs(spec),
         "wall_seconds": elapsed_before + time.monotonic() - started,
+        "seconds_per_round": float(np.median([h["seconds"] for h in history])),
+        "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in history])),
         "layer_active": final_eval["layer_active"],
         "ways": cfg.task.ways,
         "shots": cfg.task.shots,

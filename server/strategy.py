@@ -173,7 +173,15 @@ class ServerOptimizerStrategy(Strategy):
         for optimizer in self.optimizers.values():
             optimizer.step()
 
-        metrics = MetricRecord({"replies": len(valid), "sampled": self.clients_per_round})
+        metrics = MetricRecord(
+            {
+                "replies": len(valid),
+                "sampled": self.clients_per_round,
+                # Payload per client and round: the parameters down, the update back up.
+                "bytes-down": self.arrays().count_bytes(),
+                "bytes-up": float(np.mean([m.content[UPDATE].count_bytes() for m in valid])),
+            }
+        )
         for key in ("query-loss", "query-accuracy", "flops-ratio"):
             values = [float(m.content[METRICS][key]) for m in valid if key in m.content[METRICS]]
             if len(values) == len(valid):

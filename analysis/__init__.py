@@ -1,0 +1,1 @@
+"""Reports over run folders: comparison tables and plots for sweeps and benchmarks."""
