@@ -11,7 +11,7 @@ constants (FOMAML), so it is the query gradient at the adapted parameters.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -199,7 +199,3 @@ def evaluate_adaptation(
     adapted = {n: p.detach() for n, p in adapt(model, params, support, cfg).items()}
     after = _evaluate(model, adapted, query, cfg)
     return {"before": before, "after": after}
-
-
-def with_reg_weight(cfg: MetaConfig, weight: float) -> MetaConfig:
-    return replace(cfg, reg_weight=weight)
