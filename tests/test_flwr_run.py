@@ -1,0 +1,256 @@
+"""`flwr run .` as a user runs it (docs/flwr-run.md), against a SuperLink this test starts.
+
+The SuperLink that `flwr run . local` would start by itself keeps running after the command and
+always takes port 39091; here one is started explicitly on a free port, with its own FLWR_HOME,
+and it and everything it spawned are stopped by PID afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conf.schema import default_config, settings_from_flat, to_flat
+from server.app import resolve_output_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONNECTION = "metagater-test"
+# The pyproject defaults are a 4 + 2 node federation.
+FEDERATION = "num-supernodes=6 client-resources-num-cpus=1"
+
+
+def app_config() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def flat(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_pyproject_run_config_lists_every_schema_key_and_is_valid():
+    # Flower rejects a --run-config key that pyproject.toml does not list: list them all.
+    config = flat(app_config())
+    assert sorted(config) == sorted(to_flat(default_config()))
+    cfg = settings_from_flat(config)
+    assert cfg.federation.train_nodes + cfg.federation.target_nodes == 6  # == FEDERATION
+    assert "{run_id}" in cfg.output.dir
+
+
+def test_pyproject_has_no_federations_table():
+    # `flwr run` would move it to $FLWR_HOME/config.toml and comment it out in pyproject.toml.
+    assert "federations" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]
+
+
+def test_output_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert resolve_output_dir("outputs/{run_id}", 42) == tmp_path / "home" / "outputs" / "42"
+    assert resolve_output_dir(str(tmp_path / "x-{run_id}"), 7) == tmp_path / "x-7"
+    assert resolve_output_dir("fixed", 7, base=tmp_path) == tmp_path / "fixed"
+    with pytest.raises(ValueError, match=r"output\.dir"):
+        resolve_output_dir(" ", 7)
+
+
+# ---------------------------------------------------------------- processes, by PID
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@dataclass
+class SuperLink:
+    home: Path
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen
+    spawned: dict[int, str] = field(default_factory=dict)  # pid -> start time (no PID reuse)
+
+    def track(self) -> None:
+        """Remember every process the SuperLink has spawned so far, to stop them later."""
+        for pid in _descendants(self.proc.pid):
+            if (start := _start_time(pid)) is not None:
+                self.spawned.setdefault(pid, start)
+
+    def flwr(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(
+                [str(BIN / "flwr"), *args],
+                cwd=self.home,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        finally:
+            self.track()
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return self.flwr("run", str(ROOT), CONNECTION, "--federation-config", FEDERATION, *args)
+
+    def status(self, run_id: str) -> dict:
+        result = self.flwr("ls", "--run-id", run_id, CONNECTION, "--format", "json", timeout=30)
+        (run,) = json.loads(result.stdout)["runs"]
+        return run
+
+    def run_ids(self) -> set[str]:
+        result = self.flwr("ls", CONNECTION, "--format", "json", timeout=30)
+        return {run["run-id"] for run in json.loads(result.stdout)["runs"]}
+
+    def stop(self) -> None:
+        self.track()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [p for p, start in self.spawned.items() if _start_time(p) == start]
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 10
+            while alive and time.monotonic() < deadline:
+                alive = [p for p in alive if _start_time(p) == self.spawned[p]]
+                time.sleep(0.2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def superlink(tmp_path) -> Iterator[SuperLink]:
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # Otherwise every run `uv sync`s the app's dependencies into a fresh environment.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = tmp_path / "superlink.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=home,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    link = SuperLink(home, env, log, proc)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"SuperLink exited:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"SuperLink not up:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+        yield link
+    finally:
+        link.stop()
+
+
+def _run_id(result: subprocess.CompletedProcess) -> str:
+    match = re.search(r"Successfully started run (\d+)", result.stdout + result.stderr)
+    assert match, result.stdout[-3000:] + result.stderr[-3000:]
+    return match.group(1)
+
+
+@pytest.mark.ray
+def test_flwr_run(superlink):
+    # The documented command, with a run-config override; results land in $FLWR_HOME/outputs/<id>.
+    overrides = "federation.rounds=2 federation.eval_every=1"
+    result = superlink.run("--run-config", overrides, "--stream")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = _run_id(result)
+    run = superlink.status(run_id)
+    assert run["status"] == "finished:completed", run
+    out = superlink.home / "outputs" / run_id
+    for name in ("config.yaml", "history.json", "summary.json", "accuracy.png", "flops_ratio.png"):
+        assert (out / name).stat().st_size > 0, name
+    history = json.loads((out / "history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2]
+    assert "accuracy" in json.loads((out / "summary.json").read_text())
+
+    # A mistyped key: the SuperLink refuses to start the run (Flower checks override keys
+    # against pyproject.toml); the CLI says only "Invalid run configuration", the SuperLink's
+    # log names the key, and no run is created.
+    before = superlink.run_ids()
+    result = superlink.run("--run-config", "federation.roundz=2")
+    assert result.returncode != 0
+    assert "Invalid run configuration" in result.stdout + result.stderr
+    assert "federation.roundz" in superlink.log.read_text()
+    assert superlink.run_ids() == before
+
+    # A known key with a bad value reaches the ServerApp: the run fails naming the key.
+    result = superlink.run("--run-config", "federation.rounds='three'", "--stream")
+    run = superlink.status(_run_id(result))
+    assert run["status"] == "finished:failed", run
+    assert "federation.rounds" in run["status-details"]
