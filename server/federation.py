@@ -53,7 +53,11 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
     """Ask every connected node who it is; nodes that cannot load their data are left out."""
     expected = cfg.federation.train_nodes + cfg.federation.target_nodes
     deadline = time.monotonic() + cfg.federation.timeout
+    next_note = time.monotonic()
     while len(node_ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() >= next_note:
+            log(INFO, "waiting for nodes: %d of %d connected", len(node_ids), expected)
+            next_note += 10
         if time.monotonic() > deadline:
             log(
                 WARNING,
@@ -129,7 +133,8 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         if not cfg.resume:
             raise FederationError(
                 f"{checkpoint_path} exists: pass resume=true to continue that run, or choose "
-                "another output folder (hydra.run.dir=...) to start a new one"
+                "another output folder (hydra.run.dir=... for simulate.py, output.dir=... under "
+                "flwr run) to start a new one"
             )
         saved = load_checkpoint(checkpoint_path)
         check_resumable(saved["config"], flat)

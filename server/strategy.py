@@ -108,7 +108,7 @@ class ServerOptimizerStrategy(Strategy):
     def summary(self) -> None:
         log(
             INFO,
-            "\t├──> MetaGater: %d training nodes, %d target nodes, %d clients per round",
+            "\t├──> %s: %d training nodes, %d target nodes, %d clients per round",
             type(self).__name__,
             len(self.train_nodes),
             len(self.target_nodes),

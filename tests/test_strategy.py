@@ -185,6 +185,12 @@ def test_dense_strategy_expects_and_updates_only_the_backbone():
     )
 
 
+def test_summary_names_the_strategy_and_its_optimizers(caplog):
+    make_strategy(FedMeta).summary()
+    assert "FedMeta: 3 training nodes, 2 target nodes, 3 clients per round" in caplog.text
+    assert "{'backbone': 'Adam'}" in caplog.text
+
+
 def test_sampling_is_seeded_by_partition_and_state_round_trips():
     a, b = make_strategy(clients_per_round=2), make_strategy(clients_per_round=2)
     picks_a = [sorted(m.metadata.dst_node_id for m in sent(a, r)) for r in range(5)]
