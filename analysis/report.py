@@ -4,9 +4,11 @@
     python -m analysis.report outputs/bench --out reports/bench
 
 Runs are grouped by protocol (dataset, ways, shots) and, within it, by configuration: every
-setting that differs between the runs except the seed. With several seeds a row gives the mean
-and standard deviation over seeds; with one, the 95% interval over that run's target tasks.
-Failed runs are listed, never silently dropped.
+setting that differs between the runs except the seed. A row gives the mean over seeds and, with
+several seeds, the standard deviation over seeds (accuracy, flops_ratio, MACs, wall time); with
+one seed, accuracy's ± is the 95% interval over that run's target tasks. Settings a strategy does
+not read (ρ for fedmeta) do not split its runs: identical configurations are merged, runs of the
+same seed averaged first, and the merge is noted. Failed runs are listed, never silently dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from analysis.runs import NOT_A_SETTING, Run, find_runs
+from analysis.runs import NOT_A_SETTING, Run, find_runs, inert_keys
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -37,18 +39,26 @@ SHORT = {
     "meta.backbone_lr": "β_backbone",
     "meta.gate_lr": "β_gate",
 }
+# Summary keys averaged over seeds; the first four also get their standard deviation.
+SPREAD = ("accuracy", "flops_ratio", "macs", "wall_seconds")
+METRICS = (
+    *SPREAD,
+    "accuracy_before",
+    "nearest_centroid_accuracy",
+    "seconds_per_round",
+    "bytes_per_client_round",
+)
 COLUMNS = [
     ("configuration", "configuration"),
-    ("seeds", "runs"),
+    ("seeds", "seeds"),
     ("accuracy", "accuracy"),
-    ("accuracy_spread", "± (95% CI, or std over seeds)"),
-    ("accuracy_before", "before adaptation"),
-    ("nearest_centroid_accuracy", "nearest centroid"),
     ("flops_ratio", "flops_ratio"),
     ("macs", "MACs / image"),
+    ("wall_seconds", "wall s"),
+    ("accuracy_before", "before adaptation"),
+    ("nearest_centroid_accuracy", "nearest centroid"),
     ("seconds_per_round", "s / round"),
     ("bytes_per_client_round", "bytes / client / round"),
-    ("wall_seconds", "wall s"),
 ]
 
 
@@ -58,27 +68,48 @@ class Row:
     label: str
     runs: list[Run]
     values: dict[str, float]
+    settings: dict[str, Any]  # the varying settings that define this row (inert ones left out)
+    note: str = ""
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
+    """Settings that differ between the runs, the strategy first.
+
+    A key that takes one value per strategy (fedavg's SGD server optimizer) only follows from
+    the strategy and is left out; one that varies within a strategy stays.
+    """
     keys = sorted({k for run in runs for k in run.config} - NOT_A_SETTING)
     varying = [k for k in keys if len({repr(run.config.get(k)) for run in runs}) > 1]
-    # The strategy name first; settings that only follow from the strategy are noise.
-    implied = {"gating.enabled", "meta.optimizer", "meta.backbone_lr", "meta.first_order"}
-    if "strategy.name" in varying:
-        varying = ["strategy.name"] + [
-            k for k in varying if k != "strategy.name" and k not in implied
-        ]
-    return varying
+    if "strategy.name" not in varying:
+        return varying
+
+    def follows_from_strategy(key: str) -> bool:
+        values: dict[str, set[str]] = defaultdict(set)
+        for run in runs:
+            if key not in inert_keys(run.config):
+                values[run.config["strategy.name"]].add(repr(run.config.get(key)))
+        return all(len(v) <= 1 for v in values.values())
+
+    rest = [k for k in varying if k != "strategy.name" and not follows_from_strategy(k)]
+    return ["strategy.name", *rest]
 
 
-def label(run: Run, keys: list[str]) -> str:
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def label(run: Run, keys: list[str], exact: bool = False) -> str:
+    """``metagater ρ=0.3``: the run's value of each varying key its strategy reads."""
+    inert = inert_keys(run.config)
     parts = []
     for key in keys:
+        if key in inert:
+            continue
         value = run.config.get(key)
+        text = repr(value) if exact else _short(value)
         name = SHORT.get(key, key)
-        parts.append(str(value) if name == "" else f"{name}={value}")
-    return " ".join(parts) or run.config["strategy.name"]
+        parts.append(text if name == "" else f"{name}={text}")
+    return " ".join(parts) or str(run.config["strategy.name"])
 
 
 def build_rows(runs: list[Run]) -> list[Row]:
@@ -89,47 +120,94 @@ def build_rows(runs: list[Run]) -> list[Row]:
     rows = []
     for protocol, members in sorted(by_protocol.items()):
         keys = varying_keys(members)
-        groups: dict[str, list[Run]] = defaultdict(list)
+        groups: dict[tuple, list[Run]] = defaultdict(list)
         for run in members:
-            groups[label(run, keys)].append(run)
-        for name, group in groups.items():
-            rows.append(Row(protocol, name, group, aggregate(group)))
-    rows.sort(key=lambda r: (r.protocol, r.runs[0].config["strategy.name"], r.label))
+            inert = inert_keys(run.config)
+            groups[tuple((k, repr(run.config.get(k))) for k in keys if k not in inert)].append(run)
+        labels = [label(group[0], keys) for group in groups.values()]
+        for (identity, group), name in zip(groups.items(), labels, strict=True):
+            if labels.count(name) > 1:  # values that only differ past 4 significant digits
+                name = label(group[0], keys, exact=True)
+            settings = {k: group[0].config.get(k) for k, _ in identity}
+            rows.append(
+                Row(protocol, name, group, aggregate(group), settings, merge_note(group, keys))
+            )
+    rows.sort(key=lambda r: (r.protocol, str(r.runs[0].config["strategy.name"]), r.label))
     return rows
 
 
-def aggregate(group: list[Run]) -> dict[str, float]:
-    def mean(key: str) -> float:
-        values = [float(r.summary[key]) for r in group if r.summary.get(key) is not None]
-        return float(np.mean(values)) if values else math.nan
+def merge_note(group: list[Run], keys: list[str]) -> str:
+    """Say so when a row holds more runs than seeds: which settings were merged, and why."""
+    seeds = {run.config.get("seed") for run in group}
+    if len(group) == len(seeds):
+        return ""
+    merged = [k for k in keys if len({repr(run.config.get(k)) for run in group}) > 1]
+    strategy = group[0].config["strategy.name"]
+    why = (
+        f"{', '.join(merged)} not used by {strategy}, so these are identical configurations"
+        if merged
+        else "repeated runs of the same configuration and seed"
+    )
+    return f"{len(group)} runs for {len(seeds)} seed(s): {why}; runs of one seed were averaged"
 
-    values = {key: mean(key) for key, _ in COLUMNS[2:] if key != "accuracy_spread"}
-    if len(group) > 1:
-        values["accuracy_spread"] = float(np.std([r.summary["accuracy"] for r in group], ddof=1))
-    else:
-        values["accuracy_spread"] = float(group[0].summary.get("accuracy_ci95") or math.nan)
-    values["seeds"] = len(group)
+
+def aggregate(group: list[Run]) -> dict[str, float]:
+    """Means over seeds (runs of one seed averaged first) and standard deviations over seeds."""
+    by_seed: dict[Any, list[Run]] = defaultdict(list)
+    for run in group:
+        by_seed[run.config.get("seed")].append(run)
+
+    def seed_means(key: str) -> list[float]:
+        means = []
+        for runs in by_seed.values():
+            values = [float(r.summary[key]) for r in runs if r.summary.get(key) is not None]
+            if values:
+                means.append(float(np.mean(values)))
+        return means
+
+    values: dict[str, float] = {"seeds": len(by_seed), "runs": len(group)}
+    for key in METRICS:
+        means = seed_means(key)
+        values[key] = float(np.mean(means)) if means else math.nan
+        if key in SPREAD:
+            values[f"{key}_std"] = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+    values["accuracy_ci95"] = (
+        float(np.mean(ci)) if (ci := seed_means("accuracy_ci95")) else math.nan
+    )
+    # One number for "how uncertain is this accuracy": spread over seeds, else the run's CI.
+    values["accuracy_spread"] = (
+        values["accuracy_std"] if len(by_seed) > 1 else values["accuracy_ci95"]
+    )
     return values
 
 
-def _cell(key: str, value: Any) -> str:
-    if isinstance(value, str):
-        return value
+def _number(key: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key in ("seeds",):
+    if key in ("seeds", "runs"):
         return str(int(value))
     if key in ("macs", "bytes_per_client_round"):
         return f"{value:,.0f}"
-    if key in ("wall_seconds",):
+    if key == "wall_seconds":
         return f"{value:.0f}"
     if key == "seconds_per_round":
         return f"{value:.2f}"
-    return (
-        f"{value:.4f}"
-        if key.startswith("accuracy") or key == "nearest_centroid_accuracy"
-        else f"{value:.3f}"
-    )
+    if key.startswith("accuracy") or key == "nearest_centroid_accuracy":
+        return f"{value:.4f}"
+    return f"{value:.3f}"
+
+
+def _cell(key: str, values: dict[str, float]) -> str:
+    """``mean ± std`` over seeds; accuracy of a single seed gets its 95% CI, marked as such."""
+    text = _number(key, values.get(key))
+    if key not in SPREAD:
+        return text
+    std = values.get(f"{key}_std", math.nan)
+    if not math.isnan(std):
+        return f"{text} ± {_number(key, std)}"
+    if key == "accuracy" and not math.isnan(values.get("accuracy_ci95", math.nan)):
+        return f"{text} ± {_number(key, values['accuracy_ci95'])} (CI)"
+    return text
 
 
 def protocol_name(protocol: tuple[str, int, int]) -> str:
@@ -137,34 +215,65 @@ def protocol_name(protocol: tuple[str, int, int]) -> str:
     return f"{dataset} {ways}-way {shots}-shot"
 
 
-def write_tables(rows: list[Row], failed: list[Run], out: Path) -> tuple[Path, Path]:
+def _shown_path(path: Path, roots: list[Path]) -> str:
+    for root in roots:
+        if path.is_relative_to(root):
+            return str(path.relative_to(root)) or "."
+    return str(path)
+
+
+def write_tables(
+    rows: list[Row], failed: list[Run], out: Path, roots: list[Path] | None = None
+) -> tuple[Path, Path]:
+    roots = roots or []
     lines = ["# Report", ""]
     for protocol in sorted({r.protocol for r in rows}):
         lines += [f"## {protocol_name(protocol)}", ""]
         lines.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
-        for row in (r for r in rows if r.protocol == protocol):
-            cells = [row.label] + [_cell(k, row.values.get(k)) for k, _ in COLUMNS[1:]]
+        members = [r for r in rows if r.protocol == protocol]
+        for row in members:
+            cells = [row.label] + [_cell(k, row.values) for k, _ in COLUMNS[1:]]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += [f"- {row.label}: {row.note}" for row in members if row.note]
+        if any(row.note for row in members):
+            lines.append("")
     if failed:
         lines += ["## Failed runs", ""]
-        lines += [f"- `{run.path}`: {run.failure}" for run in failed]
+        lines += [f"- `{_shown_path(run.path, roots)}`: {run.failure}" for run in failed]
         lines.append("")
-    lines.append(
-        "MACs are multiply-adds per image (gates included); flops_ratio = realized / dense."
-    )
+    lines += [
+        "Values are means over seeds; `±` is the standard deviation over seeds, or, for a single "
+        "seed's accuracy (marked CI), the 95% interval over its target tasks.",
+        "MACs are multiply-adds per image (gates included); flops_ratio = realized / dense.",
+    ]
     markdown = out / "report.md"
     markdown.write_text("\n".join(lines) + "\n")
+
+    setting_keys = sorted({k for row in rows for k in row.settings})
+    numbers = ["seeds", "runs"]
+    for key in METRICS:
+        numbers += [key, f"{key}_std"] if key in SPREAD else [key]
+    numbers.insert(numbers.index("accuracy_std") + 1, "accuracy_ci95")
     table = out / "report.csv"
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["dataset", "ways", "shots"] + [k for k, _ in COLUMNS])
+        writer.writerow(
+            ["dataset", "ways", "shots", "configuration", *setting_keys, *numbers, "note"]
+        )
         for row in rows:
             writer.writerow(
-                [*row.protocol, row.label] + [row.values.get(k) for k, _ in COLUMNS[1:]]
+                [*row.protocol, row.label]
+                + [row.settings.get(k, "") for k in setting_keys]
+                + [_csv(row.values.get(k)) for k in numbers]
+                + [row.note]
             )
     return markdown, table
+
+
+def _csv(value: Any) -> Any:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
@@ -174,9 +283,11 @@ def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for row in members:
             gated = row.runs[0].config.get("gating.enabled", False)
+            xerr = row.values.get("macs_std", math.nan)
             ax.errorbar(
                 row.values["macs"],
                 row.values["accuracy"],
+                xerr=None if math.isnan(xerr) else xerr,
                 yerr=row.values["accuracy_spread"],
                 fmt="o" if gated else "s",
                 capsize=3,
@@ -227,7 +338,7 @@ def report(roots: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(runs)
     failed = [run for run in runs if run.failure is not None]
-    written = list(write_tables(rows, failed, out))
+    written = list(write_tables(rows, failed, out, roots))
     if rows:
         written += plot_accuracy_vs_macs(rows, out) + plot_accuracy_per_round(rows, out)
     return written

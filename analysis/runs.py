@@ -1,19 +1,26 @@
-"""Find and read finished (or failed) run folders: the input of every report."""
+"""Find and read finished (or failed) run folders: the input of every report.
+
+Also the two halves of failure handling in a multirun: :func:`write_failure` (a job records why
+it failed in its folder) and :class:`SweepFailures` (the sweep lists them at the end).
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import settings_from_flat, to_flat
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
 # Keys that never make two runs different configurations.
 NOT_A_SETTING = {"seed", "resume", "output.dir", "output.plots", "federation.timeout"}
+DENSE_LOCAL = ("fedavg", "perfedavg")  # the strategies that read local.*
 
 
 @dataclass
@@ -30,6 +37,22 @@ class Run:
         return (self.config["dataset.name"], self.config["task.ways"], self.config["task.shots"])
 
 
+def inert_keys(config: dict[str, Any]) -> set[str]:
+    """Settings the run's strategy never reads.
+
+    Runs that differ only in these are the same experiment: ``-m strategy=metagater,fedmeta
+    gating.target_ratio=0.3,0.5`` runs fedmeta twice, identically.
+    """
+    inert: set[str] = set()
+    if not config.get("gating.enabled", True):
+        inert |= {k for k in config if k.startswith("gating.") and k != "gating.enabled"}
+        inert |= {"adapt.gate_lr", "adapt.order", "meta.gate_lr"}
+        inert |= {"model.gate_hidden", "model.gate_bias"}
+    if config.get("strategy.name") not in DENSE_LOCAL:
+        inert |= {k for k in config if k.startswith("local.")}
+    return inert & set(config)
+
+
 def _flat_config(path: Path) -> dict[str, Any]:
     """The run's config as flat keys; a run folder from an older schema still loads."""
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
@@ -43,6 +66,8 @@ def _flat_config(path: Path) -> dict[str, Any]:
             flat[prefix[:-1]] = "" if node is None else node
 
     walk(raw, "")
+    # How a sweep scored the run (simulate.py's sweep.*) is not a setting of the run.
+    flat = {k: v for k, v in flat.items() if not k.startswith("sweep.")}
     try:
         return to_flat(settings_from_flat(flat))
     except (KeyError, ValueError):
@@ -81,3 +106,62 @@ def find_runs(*roots: Path) -> list[Run]:
         for folder in sorted(folders)
         if (folder / "config.yaml").exists() or (folder / ".hydra" / "config.yaml").exists()
     ]
+
+
+def write_failure(out_dir: Path, error: BaseException) -> Path:
+    """Record in the job's folder, in one paragraph, why the job failed.
+
+    The chain of causes is included because Flower wraps the ServerApp's error in its own.
+    """
+    reasons = []
+    seen: BaseException | None = error
+    while seen is not None and len(reasons) < 4:
+        reasons.append(f"{type(seen).__name__}: {seen}".strip())
+        seen = seen.__cause__ or seen.__context__
+    text = " <- caused by ".join(" ".join(r.split()) for r in reasons)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FAILURE_FILE
+    path.write_text(text + "\n(traceback in this folder's simulate.log)\n")
+    return path
+
+
+def clear_failure(out_dir: Path) -> None:
+    """A job rerun in a folder that failed before must not keep the old marker."""
+    (out_dir / FAILURE_FILE).unlink(missing_ok=True)
+
+
+def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
+    """(job folder, reason) for every failure marker under ``sweep_dir`` written after ``since``."""
+    return [
+        (marker.parent, marker.read_text().splitlines()[0])
+        for marker in sorted(sweep_dir.rglob(FAILURE_FILE))
+        if marker.stat().st_mtime >= since
+    ]
+
+
+class SweepFailures(Callback):
+    """At the end of a multirun: list the failed jobs and make the exit status non-zero.
+
+    Hydra's sweepers return normally when the task function returned, which ``simulate.py``
+    does for a failed job (after writing its FAILED.txt) so that the other jobs still run. The
+    markers are found on disk, so jobs that a launcher ran in other processes count too.
+    """
+
+    def __init__(self) -> None:
+        self.started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time() - 1.0  # file times may be coarser than the clock
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.exists():
+            return
+        failed = failed_jobs(sweep_dir, since=self.started)
+        if not failed:
+            return
+        lines = [f"{len(failed)} job(s) of the sweep in {sweep_dir} failed:"]
+        lines += [f"  {folder.relative_to(sweep_dir)}: {reason}" for folder, reason in failed]
+        # Hydra's callback runner swallows exceptions but not SystemExit: this prints the list
+        # on stderr and exits with status 1.
+        raise SystemExit("\n".join(lines))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 STRATEGIES = ("metagater", "metagater_fo", "fedmeta", "fedavg", "perfedavg")
 GATED_STRATEGIES = ("metagater", "metagater_fo")
 DATASETS = ("digits", "fashion_mnist", "mnist", "omniglot", "npz")
+OBJECTIVES = ("accuracy", "budgeted_accuracy")
 
 
 @dataclass
@@ -138,6 +139,25 @@ class RunConfig:
     resume: bool = False
 
 
+@dataclass
+class SweepConfig:
+    """What ``simulate.py`` returns to a sweeper (Optuna maximizes it); see simulate.objective."""
+
+    objective: str = "accuracy"  # accuracy | budgeted_accuracy
+    penalty: float = 1.0  # budgeted_accuracy = accuracy - penalty * max(0, flops_ratio - rho)
+
+
+@dataclass
+class SimulateConfig(RunConfig):
+    """``python simulate.py``'s config: the run's settings plus how a sweep scores the run.
+
+    ``sweep`` is not a setting of the federation, so it stays out of the flat run config
+    (``flwr run``, client messages, checkpoints).
+    """
+
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Checks types cannot express: choices and ranges. Raises ValueError naming the key."""
     checks = [
@@ -175,6 +195,11 @@ def validate(cfg: DictConfig) -> DictConfig:
         ("federation.eval_every", cfg.federation.eval_every >= 1, ">= 1"),
         ("gating.target_ratio", 0 < cfg.gating.target_ratio <= 1.5, "in (0, 1.5]"),
     ]
+    if "sweep" in cfg:
+        checks += [
+            ("sweep.objective", cfg.sweep.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
+            ("sweep.penalty", cfg.sweep.penalty >= 0, ">= 0"),
+        ]
     for key, ok, expected in checks:
         if not ok:
             raise ValueError(

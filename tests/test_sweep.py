@@ -1,0 +1,337 @@
+"""Sweeps as a researcher runs them: Hydra multirun, the sweep report, Optuna, a Ray cluster.
+
+The ``sweep`` tests run ``simulate.py`` as a subprocess on a tiny federation; the others check the
+report and the failure bookkeeping on synthetic run folders in well under a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from analysis.report import build_rows, report
+from analysis.runs import FAILURE_FILE, find_runs, write_failure
+from conf.schema import SimulateConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "federation=tiny",
+    "federation.rounds=1",
+    "model.width=16",
+    "task.queries=5",
+    "output.plots=false",
+]
+
+
+def env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        "FLWR_HOME": str(tmp_path / "flwr_home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "simulate.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT,
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+
+
+@pytest.mark.sweep
+def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = multirun(tmp_path, sweep, "strategy=metagater,fedmeta", "seed=0,1", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = job_dirs(sweep)
+    assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]
+    for job in jobs:
+        for name in ("config.yaml", "history.json", "summary.json", "checkpoint.pt"):
+            assert (job / name).stat().st_size > 0, (job, name)
+    assert "strategy=fedmeta" in jobs[2].name and "seed=1" in jobs[3].name
+
+    out = subprocess.run(
+        [sys.executable, "-m", "analysis.report", str(sweep)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    markdown = (sweep / "report.md").read_text()
+    assert "## digits 5-way 5-shot" in markdown and "Failed runs" not in markdown
+    with (sweep / "report.csv").open() as handle:
+        rows = {row["configuration"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"metagater", "fedmeta"}
+    for name, row in rows.items():
+        assert row["seeds"] == "2"
+        accuracies = [
+            json.loads((job / "summary.json").read_text())["accuracy"]
+            for job in jobs
+            if f"strategy={name}," in job.name + ","
+        ]
+        assert float(row["accuracy"]) == pytest.approx(sum(accuracies) / 2)
+        for key in ("accuracy_std", "flops_ratio", "macs", "wall_seconds", "wall_seconds_std"):
+            assert row[key] != "", (name, key)
+    assert float(rows["fedmeta"]["flops_ratio"]) == 1.0
+    assert (sweep / "accuracy_vs_macs_digits_5_5.png").stat().st_size > 5000
+
+
+@pytest.mark.sweep
+def test_a_failed_job_is_recorded_and_reported_while_the_others_complete(tmp_path):
+    sweep = tmp_path / "sweep"
+    # Job 0 asks for more clients per round than the federation has: it fails, job 1 still runs.
+    result = multirun(tmp_path, sweep, "federation.clients_per_round=99,2", *TINY)
+    assert result.returncode != 0
+    failed, finished = job_dirs(sweep)
+    assert "clients_per_round=99" in failed.name
+    reason = (failed / FAILURE_FILE).read_text()
+    assert "federation.clients_per_round" in reason and "ValueError" in reason
+    assert (finished / "summary.json").exists() and not (finished / FAILURE_FILE).exists()
+    # The end of the output names the failed job and why.
+    assert "1 job(s) of the sweep" in result.stderr
+    assert failed.name in result.stderr and "federation.clients_per_round" in result.stderr
+
+    report([sweep], sweep)
+    markdown = (sweep / "report.md").read_text()
+    assert "## Failed runs" in markdown and failed.name in markdown
+    assert markdown.count("| ") > 0 and "clients_per_round=2" not in markdown.split("##")[0]
+
+
+@pytest.mark.sweep
+def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path):
+    sweep = tmp_path / "search"
+    result = multirun(
+        tmp_path, sweep, "+search=steps", "hydra.sweeper.n_trials=3", *TINY, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = job_dirs(sweep)
+    assert [t.name for t in trials] == ["0", "1", "2"]
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    params = dict(best.best_params)
+    assert set(params) == {"adapt.backbone_lr", "adapt.gate_lr", "meta.backbone_lr", "meta.gate_lr"}
+    assert 0.02 <= params["adapt.backbone_lr"] <= 2.0 and 1e-4 <= params["meta.gate_lr"] <= 1e-2
+    # The best value is the objective (target accuracy) of the trial that used those parameters.
+    objectives = {}
+    for trial in trials:
+        config = OmegaConf.load(trial / "config.yaml")
+        key = tuple(OmegaConf.select(config, k) for k in params)
+        objectives[key] = json.loads((trial / "summary.json").read_text())["accuracy"]
+    assert best.best_value == pytest.approx(max(objectives.values()))
+    assert objectives[tuple(params.values())] == pytest.approx(best.best_value)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(pgid: int) -> None:
+    """SIGTERM, then SIGKILL, the processes of one group: only the cluster this test started.
+
+    Ray's GCS server ignores SIGTERM (`ray stop` also ends with SIGKILL after a grace period).
+    """
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 15.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A one-node Ray cluster on 127.0.0.1, as `ray start --head` makes it; stopped by PID.
+
+    It runs in its own session, so every Ray process it starts shares one process group, which
+    teardown stops: `ray stop` would stop every Ray instance of the machine. Its own temp dir
+    (short: socket paths are limited) keeps its address out of /tmp/ray, where any plain
+    ray.init() on this machine would otherwise find and join it.
+    """
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    assert ray, "the ray CLI comes with flwr[simulation]"
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    port = free_port()
+    command = [
+        ray,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
+    start = subprocess.Popen(
+        command,
+        env=env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = start.communicate(timeout=120)
+        assert start.returncode == 0, output[-3000:]
+        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "ray": ray}
+    finally:
+        if start.poll() is None:
+            start.kill()
+            start.wait()
+        stop_process_group(start.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.sweep
+def test_simulation_attached_to_a_local_ray_cluster_completes_and_leaves_it_running(
+    tmp_path, ray_cluster
+):
+    address = ray_cluster["address"]
+    sweep = tmp_path / "sweep"
+    # Two jobs: each attaches, runs its clients on the cluster, and detaches.
+    result = multirun(tmp_path, sweep, f"ray.address={address}", "seed=0,1", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in job_dirs(sweep):
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
+    # Both jobs' ClientApps ran as actors in the cluster's workers (one Ray job per attach).
+    actor_jobs = {
+        log.name.split("-")[2]
+        for log in ray_cluster["temp_dir"].glob("session_*/logs/worker-*.out")
+        if "actor_name:ClientAppActor" in log.read_text(errors="replace")
+    }
+    assert len(actor_jobs) == 2, actor_jobs
+    # Detaching did not stop the cluster.
+    status = subprocess.run(
+        [ray_cluster["ray"], "status", f"--address={address}"],
+        env=env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def _run_folder(
+    root: Path, name: str, seed: int, accuracy: float, flops: float, **settings
+) -> Path:
+    """A finished run folder as simulate.py writes it (config.yaml and summary.json)."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    cfg = OmegaConf.structured(SimulateConfig)
+    cfg.seed = seed
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    summary = {
+        "accuracy": accuracy,
+        "accuracy_ci95": 0.05,
+        "accuracy_before": 0.2,
+        "flops_ratio": flops,
+        "macs": 1000 * flops,
+        "dense_macs": 1000,
+        "nearest_centroid_accuracy": 0.3,
+        "wall_seconds": 10.0 + seed,
+        "seconds_per_round": 0.5,
+        "bytes_per_client_round": 100.0,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def test_report_merges_settings_a_strategy_does_not_read_and_says_so(tmp_path):
+    # -m strategy=metagater,fedmeta gating.target_ratio=0.3,0.7 seed=0,1 (fedmeta: ρ unused)
+    for seed in (0, 1):
+        for rho in (0.3, 0.7):
+            acc = 0.5 + 0.1 * seed + rho / 10
+            _run_folder(tmp_path, f"m{seed}{rho}", seed, acc, rho, **{"gating.target_ratio": rho})
+            dense = {
+                "strategy.name": "fedmeta",
+                "gating.enabled": False,
+                "gating.target_ratio": rho,
+            }
+            _run_folder(tmp_path, f"f{seed}{rho}", seed, 0.4 + 0.1 * seed, 1.0, **dense)
+    rows = {row.label: row for row in build_rows(find_runs(tmp_path))}
+    assert set(rows) == {"fedmeta", "metagater ρ=0.3", "metagater ρ=0.7"}
+    fedmeta = rows["fedmeta"]
+    assert fedmeta.values["seeds"] == 2 and fedmeta.values["runs"] == 4
+    # Duplicates of one seed are averaged first: the spread is over the 2 seeds, not 4 runs.
+    assert fedmeta.values["accuracy"] == pytest.approx(0.45)
+    assert fedmeta.values["accuracy_std"] == pytest.approx(0.0707107, rel=1e-4)
+    assert "gating.target_ratio not used by fedmeta" in fedmeta.note
+    assert rows["metagater ρ=0.3"].values["flops_ratio_std"] == pytest.approx(0.0)
+    assert rows["metagater ρ=0.3"].note == ""
+
+    report([tmp_path], tmp_path / "out")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "| fedmeta | 2 | 0.4500 ± 0.0707 |" in markdown
+    assert "- fedmeta: 4 runs for 2 seed(s)" in markdown
+    with (tmp_path / "out" / "report.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert {row["gating.target_ratio"] for row in table} == {"", "0.3", "0.7"}
+
+
+def test_report_keeps_apart_a_setting_varied_within_a_strategy(tmp_path):
+    # meta.backbone_lr differs per strategy (fedavg's SGD) *and* is swept within metagater.
+    for lr in (1e-3, 1e-2):
+        _run_folder(tmp_path, f"m{lr}", 0, 0.5 + lr, 0.6, **{"meta.backbone_lr": lr})
+    fedavg = {
+        "strategy.name": "fedavg",
+        "gating.enabled": False,
+        "meta.first_order": True,
+        "meta.optimizer": "sgd",
+        "meta.backbone_lr": 1.0,
+    }
+    _run_folder(tmp_path, "fedavg", 0, 0.3, 1.0, **fedavg)
+    labels = sorted(row.label for row in build_rows(find_runs(tmp_path)))
+    assert labels == [
+        "fedavg β_backbone=1",
+        "metagater β_backbone=0.001",
+        "metagater β_backbone=0.01",
+    ]
+
+
+def test_write_failure_keeps_the_chain_of_causes_in_one_paragraph(tmp_path):
+    try:
+        try:
+            raise ValueError("config key federation.clients_per_round=99 is invalid")
+        except ValueError as inner:
+            raise RuntimeError("An error was encountered.\nEnding simulation.") from inner
+    except RuntimeError as error:
+        path = write_failure(tmp_path, error)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("RuntimeError: An error was encountered. Ending simulation.")
+    assert "<- caused by ValueError: config key federation.clients_per_round=99" in first
