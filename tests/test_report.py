@@ -1,0 +1,114 @@
+"""The report command on run folders laid out as simulate.py writes them."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from analysis.report import report
+from conf.schema import default_config
+
+
+def write_run(
+    folder: Path,
+    overrides: dict,
+    accuracy: float,
+    macs: float,
+    seed: int = 0,
+    finished: bool = True,
+) -> None:
+    cfg = default_config()
+    for key, value in {**overrides, "seed": seed}.items():
+        OmegaConf.update(cfg, key, value)
+    folder.mkdir(parents=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    history = [
+        {
+            "round": r,
+            "train_loss": 1.0 / r,
+            "seconds": 0.5,
+            "bytes_per_client": 1000.0,
+            **({"accuracy": accuracy * r / 4} if r % 2 == 0 else {}),
+        }
+        for r in range(1, 5)
+    ]
+    (folder / "history.json").write_text(json.dumps(history))
+    if finished:
+        summary = {
+            "strategy": cfg.strategy.name,
+            "dataset": cfg.dataset.name,
+            "rounds": 4,
+            "accuracy": accuracy,
+            "accuracy_ci95": 0.01,
+            "accuracy_before": 0.2,
+            "flops_ratio": macs / 200_000,
+            "macs": macs,
+            "dense_macs": 200_000,
+            "nearest_centroid_accuracy": 0.6,
+            "target_tasks": 600,
+            "wall_seconds": 10.0,
+            "seconds_per_round": 0.5,
+            "bytes_per_client_round": 1000.0,
+        }
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "bench"
+    dense = {"strategy.name": "fedmeta", "gating.enabled": False}
+    write_run(root / "fedmeta_s0", dense, 0.80, 200_000, seed=0)
+    write_run(root / "fedmeta_s1", dense, 0.76, 200_000, seed=1)
+    for ratio, accuracy in ((0.3, 0.70), (0.5, 0.78)):
+        write_run(
+            root / f"metagater_{ratio}", {"gating.target_ratio": ratio}, accuracy, ratio * 200_000
+        )
+    write_run(root / "digits_run", {"dataset.name": "digits", "task.shots": 1}, 0.9, 50_000)
+    write_run(
+        root / "crashed",
+        {"strategy.name": "fedavg", "gating.enabled": False},
+        0.0,
+        0.0,
+        finished=False,
+    )
+    return root
+
+
+def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
+    out = tmp_path / "report"
+    written = report([runs], out)
+    names = {p.name for p in written}
+    assert {"report.md", "report.csv"} <= names
+    for protocol in ("digits_5_1", "digits_5_5"):
+        assert f"accuracy_vs_macs_{protocol}.png" in names
+        assert f"accuracy_per_round_{protocol}.png" in names
+    for path in written:
+        assert path.stat().st_size > 0
+
+    markdown = (out / "report.md").read_text()
+    assert "## digits 5-way 5-shot" in markdown and "## digits 5-way 1-shot" in markdown
+    with (out / "report.csv").open() as handle:
+        rows = {row["configuration"]: row for row in csv.DictReader(handle)}
+    # Two seeds of one configuration: mean and standard deviation over seeds.
+    fedmeta = rows["fedmeta"]
+    assert int(fedmeta["seeds"]) == 2
+    assert float(fedmeta["accuracy"]) == pytest.approx(0.78)
+    assert float(fedmeta["accuracy_std"]) == pytest.approx(np.std([0.80, 0.76], ddof=1))
+    # One run: its own 95% interval over target tasks; configurations named by what differs.
+    gated = rows["metagater ρ=0.3"]
+    assert float(gated["accuracy_ci95"]) == pytest.approx(0.01)
+    assert float(gated["macs"]) == pytest.approx(60_000)
+    assert "metagater ρ=0.5" in rows
+    # A run without a summary is reported as failed, not dropped and not averaged in.
+    assert "## Failed runs" in markdown and "crashed" in markdown
+    assert not any(key.startswith("fedavg") for key in rows)
+
+
+def test_report_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no run folders"):
+        report([tmp_path], tmp_path / "out")
