@@ -40,12 +40,14 @@ log = logging.getLogger("simulate")
 
 
 def backend_config(cfg: DictConfig) -> dict:
-    """Flower's Ray backend settings: a local Ray of ``ray.num_cpus``, or an existing cluster.
+    """Flower's Ray backend settings: a Ray of the run's own, or an existing cluster.
 
-    Attaching (``ray.address``) passes only the address: Ray refuses CPU counts for a cluster
-    that is already running, whose nodes declared their own resources.
+    Without ``ray.address`` the run starts a private Ray of ``ray.num_cpus`` CPUs: address
+    "local" keeps a plain ray.init() from joining a cluster that `ray start` left on this machine
+    (or RAY_ADDRESS names), which would fail on the CPU count. Attaching passes only the address:
+    Ray refuses CPU counts for a running cluster, whose nodes declared their own resources.
     """
-    init_args: dict = {"num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
+    init_args: dict = {"address": "local", "num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
     if cfg.ray.address:
         init_args = {"address": cfg.ray.address}
     return {

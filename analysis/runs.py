@@ -121,7 +121,7 @@ def write_failure(out_dir: Path, error: BaseException) -> Path:
     text = " <- caused by ".join(" ".join(r.split()) for r in reasons)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FAILURE_FILE
-    path.write_text(text + "\n(traceback in this folder's simulate.log)\n")
+    path.write_text(f"{text} (traceback in this folder's simulate.log)\n")
     return path
 
 

@@ -46,11 +46,13 @@ def env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, timeout: float = 300):
+def multirun(
+    tmp_path: Path, sweep_dir: Path, *overrides: str, timeout: float = 300, **extra_env: str
+):
     return subprocess.run(
         [sys.executable, "simulate.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT,
-        env=env(tmp_path),
+        env={**env(tmp_path), **extra_env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -174,13 +176,14 @@ def ray_cluster(tmp_path):
     """A one-node Ray cluster on 127.0.0.1, as `ray start --head` makes it; stopped by PID.
 
     It runs in its own session, so every Ray process it starts shares one process group, which
-    teardown stops: `ray stop` would stop every Ray instance of the machine. Its own temp dir
-    (short: socket paths are limited) keeps its address out of /tmp/ray, where any plain
-    ray.init() on this machine would otherwise find and join it.
+    teardown stops (`ray stop` would stop every Ray instance of the machine). Its files live under
+    a temp folder of its own, short because socket paths are limited: a process whose TMPDIR is
+    that folder sees the cluster as this machine's current one, as every process would after a
+    plain `ray start`, while other Ray users of the machine do not.
     """
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     assert ray, "the ray CLI comes with flwr[simulation]"
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    tmpdir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     port = free_port()
     command = [
         ray,
@@ -191,7 +194,7 @@ def ray_cluster(tmp_path):
         "--num-cpus=2",
         "--include-dashboard=false",
         "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
+        f"--temp-dir={tmpdir / 'ray'}",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",
     ]
@@ -206,34 +209,43 @@ def ray_cluster(tmp_path):
     try:
         output, _ = start.communicate(timeout=120)
         assert start.returncode == 0, output[-3000:]
-        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "ray": ray}
+        (session,) = (tmpdir / "ray").glob("session_2*")
+        yield {"address": f"127.0.0.1:{port}", "tmpdir": tmpdir, "session": session, "ray": ray}
     finally:
         if start.poll() is None:
             start.kill()
             start.wait()
         stop_process_group(start.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def actor_jobs(session: Path) -> set[str]:
+    """The Ray job ids (one per driver that attached) whose ClientApp actors ran in ``session``."""
+    return {
+        log.name.split("-")[2]
+        for log in session.glob("logs/worker-*.out")
+        if "actor_name:ClientAppActor" in log.read_text(errors="replace")
+    }
 
 
 @pytest.mark.sweep
 def test_simulation_attached_to_a_local_ray_cluster_completes_and_leaves_it_running(
     tmp_path, ray_cluster
 ):
-    address = ray_cluster["address"]
+    address, session = ray_cluster["address"], ray_cluster["session"]
     sweep = tmp_path / "sweep"
-    # Two jobs: each attaches, runs its clients on the cluster, and detaches.
-    result = multirun(tmp_path, sweep, f"ray.address={address}", "seed=0,1", *TINY)
+    # Job 0 attaches to the cluster. Job 1 (ray.address=null) starts a Ray of its own, although
+    # the cluster is this machine's current one (TMPDIR) and a plain ray.init() would join it.
+    tmpdir = str(ray_cluster["tmpdir"])
+    result = multirun(tmp_path, sweep, f"ray.address={address},null", *TINY, TMPDIR=tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in job_dirs(sweep):
         summary = json.loads((job / "summary.json").read_text())
         assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
-    # Both jobs' ClientApps ran as actors in the cluster's workers (one Ray job per attach).
-    actor_jobs = {
-        log.name.split("-")[2]
-        for log in ray_cluster["temp_dir"].glob("session_*/logs/worker-*.out")
-        if "actor_name:ClientAppActor" in log.read_text(errors="replace")
-    }
-    assert len(actor_jobs) == 2, actor_jobs
+    # Job 0's ClientApps ran as actors in the cluster's workers, job 1's elsewhere.
+    assert len(actor_jobs(session)) == 1
+    others = [s for s in (ray_cluster["tmpdir"] / "ray").glob("session_2*") if s != session]
+    assert len(others) == 1 and actor_jobs(others[0])
     # Detaching did not stop the cluster.
     status = subprocess.run(
         [ray_cluster["ray"], "status", f"--address={address}"],
