@@ -14,11 +14,17 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet torch==2.13.0
 if $with_tests; then
     .venv/bin/python -m pip install --quiet -e ".[test]"
-    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    # Debian packages the tests read or call: the Fashion-MNIST files, and openssl/ssh-keygen
+    # for the deployment tests' certificates and node keys.
+    missing=()
+    [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+    command -v openssl >/dev/null || missing+=(openssl)
+    command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+    if [ ${#missing[@]} -gt 0 ]; then
         sudo_cmd=""
         [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
         $sudo_cmd apt-get update -qq
-        $sudo_cmd apt-get install -y -qq dataset-fashion-mnist
+        $sudo_cmd apt-get install -y -qq "${missing[@]}"
     fi
 else
     .venv/bin/python -m pip install --quiet -e .

@@ -124,12 +124,28 @@ class ServerOptimizerStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        partitions = self.rng.sample(sorted(self.train_nodes), self.clients_per_round)
+        candidates = self._online(self.train_nodes, grid)
+        if len(candidates) < self.clients_per_round:
+            log(
+                WARNING,
+                "round %d: only %d training nodes online, %d wanted",
+                server_round,
+                len(candidates),
+                self.clients_per_round,
+            )
+        partitions = self.rng.sample(candidates, min(self.clients_per_round, len(candidates)))
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [
             Message(record, dst_node_id=self.train_nodes[p], message_type=MessageType.TRAIN)
             for p in partitions
         ]
+
+    @staticmethod
+    def _online(members: Mapping[int, int], grid: Grid | None) -> list[int]:
+        """Sorted partitions whose node the grid still lists: a node Flower has marked offline
+        is not sampled again, so a dead node does not cost every later round a timeout."""
+        connected = None if grid is None else set(grid.get_node_ids())
+        return sorted(p for p, node in members.items() if connected is None or node in connected)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -197,7 +213,7 @@ class ServerOptimizerStrategy(Strategy):
         grid: Grid,
         everyone: bool = True,
     ) -> Iterable[Message]:
-        partitions = sorted(self.target_nodes)
+        partitions = self._online(self.target_nodes, grid)
         if not everyone and 0 < self.eval_nodes < len(partitions):
             partitions = sorted(self.rng.sample(partitions, self.eval_nodes))
         record = RecordDict({ARRAYS: arrays, CONFIG: config})

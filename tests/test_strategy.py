@@ -240,3 +240,24 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_interval():
     assert strategy.last_evaluation["layer_active"] == [1.0, 0.5]
     mean, half = mean_ci95([1.0])
     assert mean == 1.0 and math.isnan(half)
+
+
+class ConnectedNodes:
+    """Just enough Grid for sampling: which node ids are still connected."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def test_nodes_no_longer_connected_are_not_sampled(caplog):
+    strategy = make_strategy(clients_per_round=3)
+    grid = ConnectedNodes([101, 103, 104, 105])  # node 102 (partition 2) went away
+    messages = list(strategy.configure_train(1, strategy.arrays(), ConfigRecord({}), grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [101, 103]
+    assert "only 2 training nodes online, 3 wanted" in caplog.text
+    grid = ConnectedNodes([101, 102, 103, 105])
+    evaluated = strategy.configure_evaluate(1, strategy.arrays(), ConfigRecord({}), grid)
+    assert [m.metadata.dst_node_id for m in evaluated] == [105]
