@@ -1,0 +1,223 @@
+"""Export a target node's adapted gated network from a finished run as a sliced model file.
+
+    python -m gating.export RUN_DIR --partition P --out model.pt
+
+It rebuilds partition P's task exactly as the ClientApp does (``client.node.node_task`` with the
+run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
+``Adapt`` on the node's fixed support episode with the same lambda and gate-noise seed as the
+run's evaluation at the checkpoint's round, and writes the adapted network as a
+:class:`gating.sliced.SlicedGatedNet` file: the deployment form that runs only the open channels.
+
+It prints the exported model's accuracy on the node's query set next to the masked dense
+network's, both one input at a time (they must agree: same function, other arithmetic). The
+run's own evaluation passes the whole query set as one batch, and the norm then uses the batch's
+statistics; a deployed model sees one input at a time and normalises with that input's own
+statistics, so that figure is printed too, for contrast, and can differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.func import functional_call
+
+from client.meta import Batch, adapt
+from client.node import meta_config, model_for, model_spec, node_task, seed_torch
+from gating.network import GateMode
+from gating.sliced import BACKENDS, SlicedGatedNet
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+
+
+@dataclass
+class Export:
+    """An adapted node's sliced model and how it does on the node's query set."""
+
+    model: SlicedGatedNet
+    partition: int
+    role: str
+    server_round: int
+    classes: list[int]  # global class ids in node-local label order (logit i -> classes[i])
+    accuracy: float  # the sliced model, one query input at a time
+    masked_dense_accuracy: float  # GatedConvNet in GateMode.EVAL, one input at a time
+    batch_accuracy: float  # GatedConvNet in GateMode.EVAL on the whole query set (the run's way)
+    max_logit_difference: float  # sliced vs masked dense, over the query set
+    masks_equal: bool  # the same channels open for every query input
+    flops_ratio: float  # mean realized MACs / dense MACs over the query inputs
+    layer_active: list[float] = field(default_factory=list)  # mean open ratio per gated layer
+
+    def metadata(self) -> dict[str, object]:
+        return {
+            "partition": self.partition,
+            "role": self.role,
+            "server_round": self.server_round,
+            "classes": self.classes,
+            "query_accuracy": self.accuracy,
+            "flops_ratio": self.flops_ratio,
+        }
+
+
+def regularizer_weight(cfg: DictConfig, server_round: int) -> float:
+    """lambda of that round, as the server sent it (imported lazily: it lives with Flower)."""
+    from server.federation import regularizer_weight as server_weight
+
+    return server_weight(cfg, server_round)
+
+
+def adapt_node(
+    cfg: DictConfig,
+    params: Mapping[str, Tensor],
+    partition: int,
+    server_round: int,
+    backend: str = "auto",
+) -> Export:
+    """One ``Adapt`` of node ``partition`` from the meta-initialization ``params``, exactly as
+    its ClientApp evaluates it in round ``server_round``, and the sliced model of the result."""
+    num_partitions = cfg.federation.train_nodes + cfg.federation.target_nodes
+    task = node_task(cfg, {"partition-id": partition, "num-partitions": num_partitions})
+    spec = model_spec(cfg, task)
+    model = model_for(spec)
+    episode = task.fixed_episode()
+    support = Batch(episode.support_x, episode.support_y)
+    meta_cfg = meta_config(cfg, regularizer_weight(cfg, server_round))
+    initial = {
+        n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in params.items()
+    }
+    with torch.random.fork_rng():  # the client's gate-noise seed, without touching the caller's
+        seed_torch(cfg.seed, task.partition_id, server_round, 1)
+        adapted = {n: t.detach() for n, t in adapt(model, initial, support, meta_cfg).items()}
+    sliced = SlicedGatedNet(spec, adapted, backend=backend)
+
+    query_x, query_y = episode.query_x, episode.query_y
+    sliced_preds, dense_preds, ratios, opened_all = [], [], [], []
+    max_diff, masks_equal = 0.0, True
+    with torch.no_grad():
+        for i in range(len(query_y)):
+            x = query_x[i : i + 1]
+            logits, opened = sliced.forward_with_open(x)
+            out = functional_call(model, adapted, (x,), {"mode": GateMode.EVAL})
+            max_diff = max(max_diff, float((logits - out.logits).abs().max()))
+            masks = [np.flatnonzero(layer.mask[0].numpy()) for layer in out.trace]
+            masks_equal &= all(np.array_equal(a, b) for a, b in zip(masks, opened, strict=True))
+            sliced_preds.append(int(logits.argmax()))
+            dense_preds.append(int(out.logits.argmax()))
+            ratios.append(sliced.flops_ratio(opened))
+            opened_all.append([len(o) for o in opened])
+        batch = functional_call(model, adapted, (query_x,), {"mode": GateMode.EVAL})
+    labels = query_y.numpy()
+    return Export(
+        model=sliced,
+        partition=task.partition_id,
+        role=task.role,
+        server_round=server_round,
+        classes=[int(c) for c in task.classes],
+        accuracy=float(np.mean(np.asarray(sliced_preds) == labels)),
+        masked_dense_accuracy=float(np.mean(np.asarray(dense_preds) == labels)),
+        batch_accuracy=float((batch.logits.argmax(1) == query_y).float().mean()),
+        max_logit_difference=max_diff,
+        masks_equal=masks_equal,
+        flops_ratio=float(np.mean(ratios)),
+        layer_active=[float(r) for r in np.mean(opened_all, axis=0) / spec.width],
+    )
+
+
+def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
+    """A run folder's config, final meta-initialization and the round it was taken after."""
+    run_dir = Path(run_dir)
+    for name in (CHECKPOINT, CONFIG):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{run_dir / name} does not exist: give the folder of a run of simulate.py "
+                "(it holds config.yaml and checkpoint.pt)"
+            )
+    cfg = OmegaConf.load(run_dir / CONFIG)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{run_dir / CONFIG} is not a run configuration")
+    # weights_only=False: the checkpoint holds Python RNG state and plain dicts the run wrote.
+    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+    params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
+    return cfg, params, int(state["round"])
+
+
+def export_run(
+    run_dir: str | Path,
+    partition: int | None,
+    out: str | Path | None,
+    backend: str = "auto",
+) -> Export:
+    """Adapt ``partition`` (default: the first target node) of a finished run and, if ``out``
+    is given, write its sliced model there."""
+    cfg, params, server_round = load_run(run_dir)
+    if not cfg.gating.enabled:
+        raise ValueError(
+            f"the run in {run_dir} is {cfg.strategy.name}, which has no gates: nothing to slice"
+        )
+    if partition is None:
+        partition = int(cfg.federation.train_nodes)
+    result = adapt_node(cfg, params, partition, server_round, backend=backend)
+    if out is not None:
+        result.model.save(out, run_dir=str(Path(run_dir).resolve()), **result.metadata())
+    return result
+
+
+def format_report(result: Export) -> str:
+    spec = result.model.spec
+    lines = [
+        f"partition {result.partition} ({result.role} node), adapted from the round "
+        f"{result.server_round} meta-initialization; classes {result.classes}",
+        f"backend {result.model.backend}; flops_ratio {result.flops_ratio:.3f} "
+        f"(MACs, gates included); open channels per layer "
+        + ", ".join(f"{r:.2f}" for r in result.layer_active),
+        "",
+        "| query accuracy | value |",
+        "| --- | --- |",
+        f"| exported sliced model, batch 1 | {result.accuracy:.4f} |",
+        f"| masked dense network (GateMode.EVAL), batch 1 | {result.masked_dense_accuracy:.4f} |",
+        f"| masked dense network, whole query set as one batch (the run's evaluation; "
+        f"norm uses batch statistics) | {result.batch_accuracy:.4f} |",
+        "",
+        f"sliced vs masked dense, batch 1: max |logit difference| "
+        f"{result.max_logit_difference:.2e}, same open channels: {result.masks_equal}",
+        f"model: Conv-{spec.depth}, width {spec.width}, {spec.image_size}x{spec.image_size}x"
+        f"{spec.in_channels}, {spec.num_classes} classes",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gating.export",
+        description="Adapt one node of a finished run and export its sliced gated model.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a run folder (config.yaml, checkpoint.pt)")
+    parser.add_argument(
+        "--partition", type=int, default=None, help="the node (default: the first target node)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="where to write the model file")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    args = parser.parse_args(argv)
+    try:
+        result = export_run(args.run_dir, args.partition, args.out, args.backend)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.out is not None:
+        print(f"wrote {args.out}")
+    if result.accuracy != result.masked_dense_accuracy or not result.masks_equal:
+        print("error: the sliced model disagrees with the masked dense network", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
