@@ -112,6 +112,7 @@ def objective(cfg: DictConfig, summary: dict) -> float:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> float:
+    """Check the settings and the data, run the federation, and score it for a sweeper."""
     validate(cfg)
     preflight(cfg)
     simulate(cfg, out_dir)
