@@ -20,10 +20,11 @@ Two backends compute the same thing:
   every PyTorch op costs microseconds of dispatch and allocation, as much as a whole small conv
   here, and a sliced pass needs about 20 of them per layer (gate MLP, index, gathers, conv, norm,
   pool): in PyTorch it is *slower* than the dense network (see BENCHMARKS.md). The engine runs the
-  gate MLP, gathers ``weight[open_out][:, open_in]`` into a work buffer, convolves with a
-  register-blocked vector kernel straight from zero-padded planes (no im2col), and fuses norm,
-  ReLU and pooling in one pass. Its dense mode (:meth:`SlicedGatedNet.forward_dense`) runs the
-  same kernels over every channel: the fair dense reference.
+  gate MLP, then a register-blocked vector conv straight from zero-padded planes (no im2col) that
+  reads ``weight[open_out][:, open_in]`` through the open indices (nothing is copied), then norm,
+  ReLU and pooling fused in one pass that writes the next layer's padded input. Its dense mode
+  (:meth:`SlicedGatedNet.forward_dense`) runs the same kernels over every channel: the fair dense
+  reference.
 - ``torch``: the same algorithm in PyTorch ops (``index_select`` of packed per-channel rows,
   ``conv2d``, ``group_norm`` with one group per channel, strided max-pool); the fallback without a
   compiler, and a second independent implementation for the tests.
@@ -449,8 +450,19 @@ _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-fPIC"]
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("METAGATER_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return Path(root) if root else Path.home() / ".cache" / "metagater"
+    """``$METAGATER_CACHE``, else ``$XDG_CACHE_HOME/metagater``, else ``~/.cache/metagater``;
+    a temporary folder where that cannot be created (a read-only home)."""
+    if os.environ.get("METAGATER_CACHE"):
+        folder = Path(os.environ["METAGATER_CACHE"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "metagater"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir()) / "metagater-cache"
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _cpu_key() -> str:
@@ -476,7 +488,6 @@ def _native_library() -> tuple[ctypes.CDLL | None, str]:
     target = _cache_dir() / f"sliced-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 source = Path(tmp) / "sliced.c"
                 source.write_text(_C_SOURCE)
