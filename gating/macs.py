@@ -59,9 +59,7 @@ def dense_macs(spec: ModelSpec) -> int:
 def gate_macs(spec: ModelSpec) -> int:
     """The gate MLPs' own cost per input (always paid in full when gating is on)."""
     channels = [spec.in_channels] + [spec.width] * spec.depth
-    return sum(
-        spec.gate_hidden * (c_in + c_out) for c_in, c_out in itertools.pairwise(channels)
-    )
+    return sum(spec.gate_hidden * (c_in + c_out) for c_in, c_out in itertools.pairwise(channels))
 
 
 def active_counts(

@@ -119,8 +119,7 @@ class Backbone(nn.Module):
         super().__init__()
         channels = [spec.in_channels] + [spec.width] * spec.depth
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in, c_out, spec.kernel_size)
-            for c_in, c_out in itertools.pairwise(channels)
+            ConvBlock(c_in, c_out, spec.kernel_size) for c_in, c_out in itertools.pairwise(channels)
         )
         self.head = nn.Linear(spec.head_features, spec.num_classes)
 
