@@ -7,10 +7,11 @@ Every message carries the whole run configuration (flattened, typed on arrival a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from flwr.app import ConfigRecord
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import settings_from_flat, to_flat
 
@@ -25,13 +26,46 @@ REG_WEIGHT_KEY = "reg-weight"
 NUM_EXAMPLES = "num-examples"
 PER_ROUND_KEYS = (ROUND_KEY, REG_WEIGHT_KEY)
 
+# A flat config as a hashable key: (name, type name, value) per entry, lists as tuples. The type
+# is part of the key because 1, 1.0 and True hash alike but need not decode alike.
+_FrozenConfig = tuple[tuple[str, str, Any], ...]
+
 
 def encode_config(cfg: DictConfig, **per_round: Any) -> ConfigRecord:
     return ConfigRecord({**to_flat(cfg), **per_round})
 
 
 def decode_config(record: Mapping[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
-    """Split a received ConfigRecord into the typed run config and the per-round values."""
+    """Split a received ConfigRecord into the typed run config and the per-round values.
+
+    The typed config is cached by the record's settings: merging them onto the schema costs
+    about 10 ms (OmegaConf), as much as a sixth of a client's whole meta-gradient on the
+    default digits tasks, and every message of a run carries the same settings. The cached
+    config is read-only, so no caller can change what later messages decode to.
+    """
     per_round = {k: record[k] for k in PER_ROUND_KEYS if k in record}
-    settings = settings_from_flat({k: v for k, v in record.items() if k not in PER_ROUND_KEYS})
-    return settings, per_round
+    settings = {k: v for k, v in record.items() if k not in PER_ROUND_KEYS}
+    try:
+        key = _freeze(settings)
+    except TypeError:  # an unhashable value: decode without the cache
+        return settings_from_flat(settings), per_round
+    return _decode_settings(key), per_round
+
+
+def _freeze(settings: Mapping[str, Any]) -> _FrozenConfig:
+    frozen = tuple(
+        sorted(
+            (name, type(value).__name__, tuple(value) if isinstance(value, list) else value)
+            for name, value in settings.items()
+        )
+    )
+    hash(frozen)  # raises TypeError for anything unhashable inside
+    return frozen
+
+
+@lru_cache(maxsize=8)
+def _decode_settings(key: _FrozenConfig) -> DictConfig:
+    settings = {name: list(value) if kind == "list" else value for name, kind, value in key}
+    cfg = settings_from_flat(settings)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
