@@ -113,7 +113,7 @@ def test_expected_ratio_follows_gate_probabilities():
         9 * s[0] ** 2 * 1 * e1 + 9 * s[1] ** 2 * e1 * e2 + e2 * s[2] ** 2 * spec.num_classes
     ).mean() + gate_macs(spec)
     ratio = expected_mac_ratio(spec, trace)
-    assert float(ratio) == pytest.approx(float(by_hand) / dense_macs(spec), rel=1e-6)
+    assert ratio.item() == pytest.approx(by_hand.item() / dense_macs(spec), rel=1e-6)
     # It is differentiable with respect to the gates (the regularizer trains them).
     ratio.backward()
     assert all(gate.fc2.bias.grad.abs().sum() > 0 for gate in model.gate)
