@@ -122,14 +122,14 @@ def test_expected_ratio_follows_gate_probabilities():
         for gate in model.gate:
             gate.fc2.bias.fill_(30.0)  # surely open: the dense cost plus the gates'
     trace = model(images, mode=GateMode.HARD).trace
-    assert float(expected_mac_ratio(spec, trace)) == pytest.approx(
+    assert expected_mac_ratio(spec, trace).item() == pytest.approx(
         1 + gate_macs(spec) / dense_macs(spec)
     )
     with torch.no_grad():
         for gate in model.gate:
             gate.fc2.bias.fill_(-30.0)  # surely closed: only the gates' own cost is left
     trace = model(images, mode=GateMode.HARD).trace
-    assert float(expected_mac_ratio(spec, trace)) == pytest.approx(
+    assert expected_mac_ratio(spec, trace).item() == pytest.approx(
         gate_macs(spec) / dense_macs(spec)
     )
     assert float(gate_regularizer(spec, trace, target_ratio=0.5)) == 0.0
