@@ -113,7 +113,7 @@ def test_expected_ratio_follows_gate_probabilities():
         9 * s[0] ** 2 * 1 * e1 + 9 * s[1] ** 2 * e1 * e2 + e2 * s[2] ** 2 * spec.num_classes
     ).mean() + gate_macs(spec)
     ratio = expected_mac_ratio(spec, trace)
-    assert ratio.item() == pytest.approx(by_hand.item() / dense_macs(spec), rel=1e-6)
+    assert ratio.detach().item() == pytest.approx(by_hand.item() / dense_macs(spec), rel=1e-6)
     # It is differentiable with respect to the gates (the regularizer trains them).
     ratio.backward()
     assert all(gate.fc2.bias.grad.abs().sum() > 0 for gate in model.gate)
@@ -122,17 +122,17 @@ def test_expected_ratio_follows_gate_probabilities():
         for gate in model.gate:
             gate.fc2.bias.fill_(30.0)  # surely open: the dense cost plus the gates'
     trace = model(images, mode=GateMode.HARD).trace
-    assert expected_mac_ratio(spec, trace).item() == pytest.approx(
+    assert expected_mac_ratio(spec, trace).detach().item() == pytest.approx(
         1 + gate_macs(spec) / dense_macs(spec)
     )
     with torch.no_grad():
         for gate in model.gate:
             gate.fc2.bias.fill_(-30.0)  # surely closed: only the gates' own cost is left
     trace = model(images, mode=GateMode.HARD).trace
-    assert expected_mac_ratio(spec, trace).item() == pytest.approx(
+    assert expected_mac_ratio(spec, trace).detach().item() == pytest.approx(
         gate_macs(spec) / dense_macs(spec)
     )
-    assert float(gate_regularizer(spec, trace, target_ratio=0.5)) == 0.0
+    assert gate_regularizer(spec, trace, target_ratio=0.5).detach().item() == 0.0
 
 
 def test_straight_through_gradient_reaches_every_gate_parameter(digits_batch):
