@@ -178,7 +178,7 @@ def test_second_order_gradient_through_inner_step_matches_finite_differences(dig
             for sign in (1, -1):
                 probe = {k: v.detach().clone() for k, v in gate.items()}
                 probe[name].view(-1)[index] = flat[index] + sign * eps
-                shifted.append(float(query_loss_after_inner_step(probe)))
+                shifted.append(query_loss_after_inner_step(probe).detach().item())
             numeric = (shifted[0] - shifted[1]) / (2 * eps)
             assert grad.view(-1)[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8), name
 
