@@ -75,7 +75,7 @@ def test_second_order_meta_gradient_matches_finite_differences(task, order):
                 with torch.no_grad():
                     probe[name].view(-1)[index] += sign * eps
                 losses.append(
-                    float(meta_objective(model, probe, support, query, cfg, noise_seed=5))
+                    meta_objective(model, probe, support, query, cfg, noise_seed=5).detach().item()
                 )
             numeric = (losses[0] - losses[1]) / (2 * eps)
             assert step.grads[name].reshape(-1)[index].item() == pytest.approx(
