@@ -1,0 +1,506 @@
+"""Framework overhead: steady-state seconds per round of the Flower simulation against a bare
+single-process PyTorch loop doing the same meta-training work.
+
+    python benchmarks/overhead.py                          # default job: digits, ~2-4 min
+    python benchmarks/overhead.py dataset=fashion_mnist    # any simulate.py override
+
+Both sides run the configuration ``python simulate.py`` composes (plus the overrides given),
+with ``federation.rounds`` = ``--rounds`` and evaluation only in the last round.
+
+Flower side: ``simulate.simulate(cfg, out_dir)`` in this process, unchanged (Ray actors run the
+ClientApps, the ServerApp runs ``server.federation.run_federation``). Its grid is wrapped so
+that right before each training round's messages go out, the *bare loop* runs the same round
+here, while the actors are idle: the two are interleaved round by round and see the same
+background load. A Flower round's time is ``history.json``'s ``seconds`` minus the bare round
+that ran inside it.
+
+Bare side: what the ClientApp computes, called directly: for each node the strategy samples
+(same seeded ``random.Random`` over the same partitions), ``client.node.seed_torch`` and the
+episode RNG from (seed, partition, round), ``client.meta.meta_gradients`` on episodes of
+``client.node.node_task``, then the strategy's weighted average (sorted by partition) and one
+Adam step per group. One process, ``torch.set_num_threads(1)`` (each Ray actor gets
+OMP_NUM_THREADS=1). After the run its parameters are checked against Flower's checkpoint.
+
+Parallelism: Flower runs ``A`` actors (``ray.num_cpus`` / ``ray.client_cpus``). The bare figure
+it is compared with is the ideal ``A``-worker time of the same client updates: their measured
+times greedily scheduled in dispatch order on ``A`` workers, plus the server update; for one
+actor that is the serial time. The bare loop runs on a thread at the actors' niceness (Ray starts
+its workers at nice 15; on a shared CPU a nice-0 loop would get the larger share). Phases, each
+its own simulation with its own interleaved bare rounds:
+  1actor       ray.num_cpus=1: one actor against the serial bare loop  <- flower_over_bare
+  1actor_pull  the same with the grid's reply polling (InMemoryGrid.pull_interval, 0.1 s) at
+               ``--poll`` seconds: a setting the ServerApp could change
+  1actor_pump  also the simulation engine's message pump (vce_api.add_messages_to_queue, a
+               hard-coded 0.1 s loop over every node) at ``--poll``: needs patching Flower
+  2actors      the default (2 actors) against the ideal 2-worker bare time  <- startup_s
+Steady state drops the first ``--warmup`` rounds and the last (evaluation) round; figures are
+medians over rounds, ratios the medians of per-round ratios. ``startup_s``: from the call of
+``simulate.simulate`` to the first training round (Ray, actors, node discovery), 2actors phase.
+The ClientApp runs behind a timing mod (its handlers unchanged) that reports its seconds inside
+the actor, so Flower's exchange splits into ClientApp work and the rest.
+The last line is ``RESULT flower_over_bare=... startup_s=... ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# As simulate.py does, before Flower is imported: no telemetry, no update check, local state.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr_home"))
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Context, Message, MessageType  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import client.app as client_app_module  # noqa: E402
+import server.app as server_app_module  # noqa: E402
+import simulate  # noqa: E402
+from client.meta import Batch, meta_gradients  # noqa: E402
+from client.node import meta_config, model_for, model_spec, node_task, seed_torch  # noqa: E402
+from client.protocol import CONFIG, METRICS, ROUND_KEY  # noqa: E402
+from conf.schema import validate  # noqa: E402
+from gating import BACKBONE, GATE  # noqa: E402
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
+from server.federation import initial_parameters, regularizer_weight  # noqa: E402
+from server.strategy import STRATEGY_CLASSES, make_optimizer  # noqa: E402
+
+META_STRATEGIES = ("metagater", "metagater_fo", "fedmeta")
+PHASES = ("1actor", "1actor_pull", "1actor_pump", "2actors")
+CLIENTAPP_SECONDS = "clientapp-seconds"
+CLIENTAPP_NICE = "clientapp-nice"
+RAY_WORKER_NICENESS = 15  # Ray's default for its workers; read back from the actors
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The configuration ``python simulate.py <overrides>`` would run."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    return validate(cfg)
+
+
+# --------------------------------------------------------------------------- the bare loop
+
+
+def makespan(seconds: Iterable[float], workers: int) -> float:
+    """Greedy list scheduling of jobs on ``workers`` workers, in order, as Flower's worker
+    threads take queued messages: the ideal parallel time of those jobs."""
+    free = [0.0] * workers
+    for job in seconds:
+        heapq.heappush(free, heapq.heappop(free) + job)
+    return max(free)
+
+
+@dataclass
+class BareRound:
+    client_seconds: list[float]  # per sampled node, in dispatch order
+    server_seconds: float
+
+    def ideal(self, workers: int) -> float:
+        """The client updates on ``workers`` ideal workers, then the server update."""
+        return makespan(self.client_seconds, workers) + self.server_seconds
+
+
+class BareLoop:
+    """The federation's meta-training in one process: the ClientApp's calls, the strategy's
+    sampling, averaging and Adam steps, nothing of Flower."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        if cfg.strategy.name not in META_STRATEGIES:
+            raise SystemExit(f"the bare loop covers {META_STRATEGIES}, not {cfg.strategy.name}")
+        self.cfg = cfg
+        fed = cfg.federation
+        self.num_partitions = fed.train_nodes + fed.target_nodes
+        self.partitions = list(range(fed.train_nodes))  # node_role: the first ones train
+        self.tasks = {p: self._task(p) for p in self.partitions}
+        spec = model_spec(cfg, self.tasks[0])
+        self.model = model_for(spec)
+        self.params = initial_parameters(spec, cfg.seed)
+        learns_gates = STRATEGY_CLASSES[cfg.strategy.name].learns_gates
+        self.learned = [n for n in self.params if learns_gates or n.startswith(f"{BACKBONE}.")]
+        lrs = {BACKBONE: cfg.meta.backbone_lr, GATE: cfg.meta.gate_lr}
+        self.leaves = {n: torch.nn.Parameter(t.clone()) for n, t in self.params.items()}
+        self.optimizers = [
+            make_optimizer(cfg.meta.optimizer, members, lrs[group])
+            for group in (BACKBONE, GATE)
+            if (members := [self.leaves[n] for n in self.learned if n.startswith(f"{group}.")])
+        ]
+        self.rng = random.Random(cfg.seed)
+
+    def _task(self, partition: int) -> Any:
+        return node_task(
+            self.cfg, {"partition-id": partition, "num-partitions": self.num_partitions}
+        )
+
+    def client_update(
+        self, partition: int, server_round: int
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Exactly the metagater/fedmeta branch of ``client.app.train``."""
+        cfg, task = self.cfg, self.tasks[partition]
+        meta_cfg = meta_config(cfg, regularizer_weight(cfg, server_round))
+        seed_torch(cfg.seed, task.partition_id, server_round)
+        rng = np.random.default_rng([cfg.seed, task.partition_id, server_round])
+
+        def episode() -> tuple[Batch, Batch]:
+            drawn = task.episode(rng)
+            return Batch(drawn.support_x, drawn.support_y), Batch(drawn.query_x, drawn.query_y)
+
+        steps = [
+            meta_gradients(self.model, self.params, *episode(), meta_cfg)
+            for _ in range(cfg.task.tasks_per_client)
+        ]
+        update = {n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads}
+        return update, len(steps) * task.spec.ways * task.spec.queries
+
+    def round(self, server_round: int) -> BareRound:
+        sampled = self.rng.sample(self.partitions, self.cfg.federation.clients_per_round)
+        replies, client_seconds = [], []
+        for partition in sampled:
+            start = time.perf_counter()
+            replies.append((partition, *self.client_update(partition, server_round)))
+            client_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        replies.sort(key=lambda reply: reply[0])  # the strategy's fixed summation order
+        weights = torch.tensor([float(examples) for _, _, examples in replies])
+        weights = weights / weights.sum()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        for name in self.learned:
+            stacked = torch.stack([update[name] for _, update, _ in replies])
+            self.leaves[name].grad = torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
+        for optimizer in self.optimizers:
+            optimizer.step()
+        self.params = {n: p.detach().clone() for n, p in self.leaves.items()}
+        return BareRound(client_seconds, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- interleaving
+
+
+def time_clientapp(message: Message, context: Context, call_next: Any) -> Message:
+    """A Flower mod: the ClientApp's own seconds inside the actor, and the actor's niceness,
+    go back in the reply's metrics (the exchange then splits into ClientApp work and the rest)."""
+    start = time.perf_counter()
+    reply = call_next(message, context)
+    if not reply.has_error() and METRICS in reply.content.metric_records:
+        reply.content[METRICS][CLIENTAPP_SECONDS] = time.perf_counter() - start
+        reply.content[METRICS][CLIENTAPP_NICE] = os.getpriority(os.PRIO_PROCESS, 0)
+    return reply
+
+
+def timed_client_app() -> ClientApp:
+    """``client.app.app``'s very handlers behind the timing mod."""
+    app = ClientApp(mods=[time_clientapp])
+    app.query()(client_app_module.query)
+    app.train()(client_app_module.train)
+    app.evaluate()(client_app_module.evaluate)
+    return app
+
+
+@dataclass
+class Interleaving:
+    """What the wrapped grid saw: bare rounds and Flower's send-and-receive times by round."""
+
+    bare: BareLoop
+    launched: float
+    nice: int = RAY_WORKER_NICENESS
+    first_round_at: float | None = None
+    bare_rounds: dict[int, BareRound] = field(default_factory=dict)
+    bare_seconds: dict[int, float] = field(default_factory=dict)
+    exchange_seconds: dict[int, float] = field(default_factory=dict)
+    clientapp_seconds: dict[int, list[float]] = field(default_factory=dict)
+    _runner: ThreadPoolExecutor | None = None
+
+    def run_bare(self, server_round: int) -> None:
+        """One bare round, on a thread of its own at the actors' niceness: Ray starts its
+        workers at nice 15, and on a shared CPU a nice-0 bare loop would get the larger share."""
+        if self._runner is None:
+            nice = self.nice
+
+            def renice() -> None:  # Linux: the nice value belongs to the thread
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+            self._runner = ThreadPoolExecutor(1, initializer=renice)
+        start = time.perf_counter()
+        self.bare_rounds[server_round] = self._runner.submit(self.bare.round, server_round).result()
+        self.bare_seconds[server_round] = time.perf_counter() - start
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.shutdown()
+
+
+def _reply_values(replies: Iterable[Message], key: str) -> list[float]:
+    return [
+        float(m.content[METRICS][key])
+        for m in replies
+        if not m.has_error() and METRICS in m.content.metric_records and key in m.content[METRICS]
+    ]
+
+
+class InterleavedGrid:
+    """Delegates to Flower's grid; before a training round's messages go out, the bare loop
+    runs the same round (so each Flower round holds exactly one bare round, timed apart)."""
+
+    def __init__(self, grid: Any, log: Interleaving, pull: float | None) -> None:
+        self._grid, self._log = grid, log
+        if pull is not None:
+            grid.pull_interval = pull
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else None
+        server_round = None
+        if kind == MessageType.TRAIN:
+            server_round = int(messages[0].content[CONFIG][ROUND_KEY])
+            if self._log.first_round_at is None:
+                self._log.first_round_at = time.perf_counter()
+            self._log.run_bare(server_round)
+        start = time.perf_counter()
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if kind == MessageType.QUERY and (nice := _reply_values(replies, CLIENTAPP_NICE)):
+            self._log.nice = int(max(nice))
+        if server_round is not None:
+            self._log.exchange_seconds[server_round] = time.perf_counter() - start
+            self._log.clientapp_seconds[server_round] = _reply_values(replies, CLIENTAPP_SECONDS)
+        return replies
+
+
+def fast_message_pump(interval: float) -> None:
+    """Replace the simulation engine's message pump (it polls the link state every 0.1 s) by
+    the same loop polling every ``interval`` seconds."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop: threading.Event) -> None:
+        while not f_stop.is_set():
+            for node_id in nodes_mapping:
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(interval)
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+
+
+@dataclass
+class Phase:
+    name: str
+    actors: int
+    flower: list[float]  # steady-state seconds per round, bare round subtracted
+    bare: list[float]  # ideal `actors`-worker bare seconds, same rounds
+    serial: list[float]  # serial bare seconds, same rounds
+    exchange: list[float]  # Flower's send_and_receive per round
+    outside: list[float]  # of which not in ClientApps: exchange - makespan(ClientApp seconds)
+    client: list[float]  # mean bare seconds per client update per round
+    clientapp: list[float]  # mean ClientApp seconds per message (inside the actor) per round
+    startup_s: float
+    bare_startup_s: float
+    nice: int  # the actors' niceness, which the bare thread took
+    max_param_diff: float
+
+    @property
+    def server(self) -> list[float]:
+        """The round outside send_and_receive: config encoding, sampling, aggregation and the
+        Adam steps, checkpoint and history written every round."""
+        return [f - e for f, e in zip(self.flower, self.exchange, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(f / b for f, b in zip(self.flower, self.bare, strict=True))
+
+
+def run_phase(
+    name: str,
+    cfg: DictConfig,
+    actors: int,
+    warmup: int,
+    pull: float | None,
+    pump: float | None,
+    out_dir: Path,
+) -> Phase:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original_pump = vce_api.add_messages_to_queue
+    original_run = server_app_module.run_federation
+    original_app = client_app_module.app
+    launched = time.perf_counter()
+    bare = BareLoop(cfg)
+    bare_startup = time.perf_counter() - launched
+    log = Interleaving(bare=bare, launched=time.perf_counter())
+
+    def run_federation(grid: Any, settings: DictConfig, folder: Path) -> dict[str, Any]:
+        return original_run(InterleavedGrid(grid, log, pull), settings, folder)
+
+    server_app_module.run_federation = run_federation
+    client_app_module.app = timed_client_app()  # simulate.simulate imports it at call time
+    if pump is not None:
+        fast_message_pump(pump)
+    try:
+        simulate.simulate(cfg, out_dir)
+    finally:
+        log.close()
+        server_app_module.run_federation = original_run
+        client_app_module.app = original_app
+        vce_api.add_messages_to_queue = original_pump
+
+    history = json.loads((out_dir / "history.json").read_text())
+    steady = [h for h in history if warmup < h["round"] < cfg.federation.rounds]
+    flower = [h["seconds"] - log.bare_seconds[h["round"]] for h in steady]
+    rounds = [log.bare_rounds[h["round"]] for h in steady]
+    saved = load_checkpoint(out_dir / CHECKPOINT_NAME)["strategy"]["params"]
+    diff = max(float((saved[n] - bare.params[n]).abs().max()) for n in bare.params)
+    return Phase(
+        name=name,
+        actors=actors,
+        flower=flower,
+        bare=[r.ideal(actors) for r in rounds],
+        serial=[r.ideal(1) for r in rounds],
+        exchange=[log.exchange_seconds[h["round"]] for h in steady],
+        outside=[
+            log.exchange_seconds[h["round"]] - makespan(log.clientapp_seconds[h["round"]], actors)
+            for h in steady
+        ],
+        client=[statistics.fmean(r.client_seconds) for r in rounds],
+        clientapp=[statistics.fmean(log.clientapp_seconds[h["round"]]) for h in steady],
+        startup_s=log.first_round_at - log.launched,
+        bare_startup_s=bare_startup,
+        nice=log.nice,
+        max_param_diff=diff,
+    )
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import flwr
+
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads (main), Python "
+        f"{platform.python_version()}, torch {torch.__version__}, flwr {flwr.__version__}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="simulate.py overrides, e.g. dataset=...")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=4, help="first rounds left out")
+    parser.add_argument("--poll", type=float, default=0.01, help="seconds, *_pull/*_pump phases")
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the bare loop as one Ray actor runs (OMP_NUM_THREADS=1)
+    base = [
+        f"federation.rounds={args.rounds}",
+        f"federation.eval_every={args.rounds}",
+        "output.plots=false",
+        *args.overrides,
+    ]
+    one_actor = ["ray.num_cpus=1", "ray.client_cpus=1"]
+    specs = {  # overrides, grid pull interval, engine pump interval
+        "1actor": (one_actor, None, None),
+        "1actor_pull": (one_actor, args.poll, None),
+        "1actor_pump": (one_actor, args.poll, args.poll),
+        "2actors": ([], None, None),
+    }
+    phases: list[Phase] = []
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        for name in args.phases.split(","):
+            extra, pull, pump = specs[name]
+            cfg = compose_config([*base, *extra])
+            actors = int(cfg.ray.num_cpus // cfg.ray.client_cpus)
+            print(f"--- phase {name}: {actors} actor(s), {args.rounds} rounds", flush=True)
+            folder = Path(tmp) / name
+            phases.append(run_phase(name, cfg, actors, args.warmup, pull, pump, folder))
+
+    cfg = compose_config(base)
+    fed = cfg.federation
+    print()
+    print(f"machine: {machine()}")
+    print(
+        f"job: {cfg.strategy.name} on {cfg.dataset.name}, {cfg.task.ways}-way "
+        f"{cfg.task.shots}-shot, {fed.clients_per_round} of {fed.train_nodes} training nodes "
+        f"per round (+{fed.target_nodes} target), model width {cfg.model.width} depth "
+        f"{cfg.model.depth}, first_order={cfg.meta.first_order}; rounds {args.warmup + 1}.."
+        f"{fed.rounds - 1} of {fed.rounds} (medians over rounds)"
+    )
+    print()
+    columns = [
+        ("phase", "{:<9}", lambda p: p.name),
+        ("actors", "{:>6}", lambda p: p.actors),
+        ("flower s", "{:>8.3f}", lambda p: statistics.median(p.flower)),
+        ("bare s", "{:>6.3f}", lambda p: statistics.median(p.bare)),
+        ("serial s", "{:>8.3f}", lambda p: statistics.median(p.serial)),
+        ("flower/bare", "{:>11.2f}", lambda p: p.ratio),
+        ("server s", "{:>8.3f}", lambda p: statistics.median(p.server)),
+        ("exchange s", "{:>10.3f}", lambda p: statistics.median(p.exchange)),
+        ("outside s", "{:>9.3f}", lambda p: statistics.median(p.outside)),
+        ("client s", "{:>8.3f}", lambda p: statistics.median(p.client)),
+        ("clientapp s", "{:>11.3f}", lambda p: statistics.median(p.clientapp)),
+        ("startup s", "{:>9.1f}", lambda p: p.startup_s),
+        ("nice", "{:>4}", lambda p: p.nice),
+        ("max|dθ|", "{:>7.0e}", lambda p: p.max_param_diff),
+    ]
+    header = " ".join(
+        name.ljust(9) if name == "phase" else name.rjust(len(fmt.format(get(phases[0]))))
+        for name, fmt, get in columns
+    )
+    print(header)
+    print("-" * len(header))
+    for p in phases:
+        print(" ".join(fmt.format(get(p)) for _, fmt, get in columns))
+    print()
+    print(
+        "flower s: a Flower round (history.json seconds minus the bare round run inside it);\n"
+        "bare s: the same round's bare work on as many ideal workers as Flower has actors\n"
+        "  (1 actor: serial s, the single-process loop); flower/bare: median per-round ratio;\n"
+        "server s: the round outside send_and_receive (encode, aggregate, checkpoint);\n"
+        "exchange s: Flower's send_and_receive; outside s: the part of it not spent in\n"
+        "  ClientApps (Ray calls, the engine's threads and 0.1 s polling loops);\n"
+        "client s / clientapp s: one client update, bare / as a ClientApp inside its actor;\n"
+        "startup s: simulate() call to the first round; nice: the actors' niceness, which the\n"
+        "  bare loop's thread takes too (a fair share of a shared CPU);\n"
+        "max|dθ|: Flower's final parameters against the bare loop's (they did the same work)."
+    )
+    by_name = {p.name: p for p in phases}
+    measured = by_name.get("1actor", phases[0])  # same parallelism on both sides
+    default = by_name.get("2actors", phases[-1])  # the configuration users run
+    extras = " ".join(f"flower_over_bare_{p.name}={p.ratio:.3f}" for p in phases)
+    print(
+        f"RESULT flower_over_bare={measured.ratio:.3f} startup_s={default.startup_s:.1f} {extras}"
+    )
+
+
+if __name__ == "__main__":
+    main()
