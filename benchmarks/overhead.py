@@ -457,7 +457,7 @@ def main() -> None:
     )
     print()
     columns = [
-        ("phase", "{:<9}", lambda p: p.name),
+        ("phase", "{:<11}", lambda p: p.name),
         ("actors", "{:>6}", lambda p: p.actors),
         ("flower s", "{:>8.3f}", lambda p: statistics.median(p.flower)),
         ("bare s", "{:>6.3f}", lambda p: statistics.median(p.bare)),
@@ -473,7 +473,7 @@ def main() -> None:
         ("max|dθ|", "{:>7.0e}", lambda p: p.max_param_diff),
     ]
     header = " ".join(
-        name.ljust(9) if name == "phase" else name.rjust(len(fmt.format(get(phases[0]))))
+        name.ljust(11) if name == "phase" else name.rjust(len(fmt.format(get(phases[0]))))
         for name, fmt, get in columns
     )
     print(header)

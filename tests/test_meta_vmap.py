@@ -144,7 +144,7 @@ def test_vmapped_second_order_matches_finite_differences(episodes, order, monkey
 
     def objective(values: dict[str, torch.Tensor]) -> float:
         adapted = adapt(model, values, support, cfg, create_graph=False)
-        return float(task_loss(model, adapted, query, cfg, regularize=True)[0])
+        return task_loss(model, adapted, query, cfg, regularize=True)[0].detach().item()
 
     generator = torch.Generator().manual_seed(0)
     eps = 1e-6
