@@ -106,11 +106,20 @@ def _sgd_stage(
     cfg: MetaConfig,
     create_graph: bool,
 ) -> Params:
-    """``inner_steps`` gradient steps on one group, the other group held as given."""
+    """``inner_steps`` gradient steps on one group, the other group held as given.
+
+    The step is the *partial* gradient in this group: after a backbone stage theta' depends on
+    phi (second order keeps that graph), and differentiating through it would make the gate step
+    d/dphi L(theta'(phi), phi) instead of the specified d/dphi L(theta', phi), unlike first order
+    and unlike what target nodes run. Differentiating with respect to a fresh view of the group
+    gives the partial derivative while the view still carries the graph back to the
+    meta-initialization, so the meta-gradient flows through both stages.
+    """
     regularize = cfg.reg_where in ("inner", "both")
     for _ in range(cfg.inner_steps):
-        loss, _ = task_loss(model, params, support, cfg, regularize)
         names = list(_group(params, group))
+        params = {n: p.view_as(p) if n in names else p for n, p in params.items()}
+        loss, _ = task_loss(model, params, support, cfg, regularize)
         grads = torch.autograd.grad(
             loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
         )

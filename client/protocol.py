@@ -31,8 +31,10 @@ PER_ROUND_KEYS = (ROUND_KEY, REG_WEIGHT_KEY)
 _FrozenConfig = tuple[tuple[str, str, Any], ...]
 
 
-def encode_config(cfg: DictConfig, **per_round: Any) -> ConfigRecord:
-    return ConfigRecord({**to_flat(cfg), **per_round})
+def encode_config(cfg: DictConfig | Mapping[str, Any], **per_round: Any) -> ConfigRecord:
+    """``cfg`` typed, or already flattened (the server flattens once per run, not per round)."""
+    flat = to_flat(cfg) if isinstance(cfg, DictConfig) else cfg
+    return ConfigRecord({**flat, **per_round})
 
 
 def decode_config(record: Mapping[str, Any]) -> tuple[DictConfig, dict[str, Any]]:

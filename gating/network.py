@@ -142,7 +142,7 @@ def gate_values(logits: Tensor, mode: GateMode, temperature: float) -> Tensor:
     """Turn gate logits into the per-channel multipliers for one forward pass."""
     if mode is GateMode.EVAL:
         return (logits > 0).to(logits.dtype)
-    uniform = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     noise = torch.log(uniform) - torch.log1p(-uniform)  # logistic(0, 1)
     soft = torch.sigmoid((logits + noise) / temperature)
     if mode is GateMode.SOFT:

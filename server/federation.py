@@ -142,6 +142,8 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         raise FederationError(f"resume=true but there is no checkpoint at {checkpoint_path}")
     OmegaConf.save(cfg, out_dir / "config.yaml")
 
+    if type(grid).__name__ == "InMemoryGrid":  # simulation: polling a local queue is cheap
+        grid.pull_interval = 0.01  # Flower's 0.1 s default costs up to that much per exchange
     roster = discover(grid, cfg)
     spec = ModelSpec(
         in_channels=roster.channels,
@@ -178,7 +180,7 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     for server_round in range(first_round, fed.rounds + 1):
         round_start = time.monotonic()
         config = encode_config(
-            cfg, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: regularizer_weight(cfg, server_round)}
+            flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: regularizer_weight(cfg, server_round)}
         )
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, config, grid), timeout=fed.timeout

@@ -98,6 +98,7 @@ def hand_unrolled(model, params, support, query, cfg: MetaConfig, first_order: b
         return F.cross_entropy(out.logits, batch.y) + cfg.reg_weight * reg
 
     def step(group: dict, other: dict, lr: float, backbone: bool):
+        group = {n: v.view_as(v) for n, v in group.items()}  # the partial gradient in this group
         args = (group, other) if backbone else (other, group)
         grads = torch.autograd.grad(
             loss(*args, support), list(group.values()), create_graph=not first_order
