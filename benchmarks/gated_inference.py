@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
-import platform
 import random
 import statistics
 import sys
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from host import describe_host  # benchmarks/host.py (the script's folder is on sys.path)
 from omegaconf import DictConfig
 
 from client.meta import Batch, meta_gradients
@@ -286,22 +285,6 @@ def stage_table(cases: list[Case], reps: int) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(
-                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                model,
-            )
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch thread(s), Python {platform.python_version()}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, help="(B) a finished simulate.py run folder")
@@ -346,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [build_case(e, cfg) for e in exports]
     spec = cases[0].export.model.spec
     log(f"model: {source}; adapted target nodes {partitions}")
-    log(f"machine: {machine()}")
+    log(f"machine: {describe_host()}")
 
     # -- main comparison: the adapted models on their real query inputs
     names = list(variants(cases[0]))

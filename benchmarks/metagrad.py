@@ -26,7 +26,6 @@ MetaGater, ``--tasks`` tasks), followed by the other figures as extra keys.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -34,11 +33,11 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from host import describe_host  # benchmarks/host.py (the script's folder is on sys.path)
 from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -226,18 +225,6 @@ def measure(dataset: str, reps: int, tasks: int, seed: int) -> Figures:
     )
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, 1 torch thread, Python {platform.python_version()}, torch {torch.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="digits,fashion_mnist")
@@ -259,7 +246,7 @@ def main() -> None:
     if not results:
         raise SystemExit("no dataset could be loaded")
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_host()}")
     print(
         f"model: Conv-4 width 32 + gates, 5-way 5-shot 15-query tasks; {args.reps} passes, "
         f"medians; vmap over {args.tasks} tasks of one client"

@@ -47,7 +47,6 @@ import argparse
 import heapq
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -72,6 +71,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Message, MessageType  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from host import describe_host  # noqa: E402  (benchmarks/host.py; the script folder is on sys.path)
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -395,23 +395,6 @@ def run_phase(
     )
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import flwr
-
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads (main), Python "
-        f"{platform.python_version()}, torch {torch.__version__}, flwr {flwr.__version__}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="simulate.py overrides, e.g. dataset=...")
@@ -447,7 +430,7 @@ def main() -> None:
     cfg = compose_config(base)
     fed = cfg.federation
     print()
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_host()}")
     print(
         f"job: {cfg.strategy.name} on {cfg.dataset.name}, {cfg.task.ways}-way "
         f"{cfg.task.shots}-shot, {fed.clients_per_round} of {fed.train_nodes} training nodes "

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,8 +49,8 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr_home"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-import torch  # noqa: E402
 from flwr.app import MessageType  # noqa: E402
+from host import describe_host  # noqa: E402  (benchmarks/host.py; the script folder is on sys.path)
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
@@ -240,23 +239,6 @@ def run_once(cfg: DictConfig, warmup: int, sample: float, out_dir: Path) -> Run:
     )
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import flwr
-
-    return (
-        f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, flwr {flwr.__version__}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="simulate.py overrides, e.g. dataset=...")
@@ -303,7 +285,7 @@ def main() -> None:
         return statistics.median(s for r in runs[nodes] for s in r.round_seconds)
 
     print()
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_host()}")
     cfg = compose_config(args.overrides)
     print(
         f"job: {cfg.strategy.name} on {cfg.dataset.name}, {args.clients} clients per round, "
