@@ -181,9 +181,14 @@ def model_spec(cfg: DictConfig, task: NodeTask) -> ModelSpec:
     channels, height, width = task.images.shape[1:]
     if height != width:
         raise ValueError(f"images must be square, got {height}x{width}")
+    return spec_for(cfg, int(channels), int(height))
+
+
+def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
+    """The model every node and the server build for this run and this image shape."""
     return ModelSpec(
         in_channels=channels,
-        image_size=height,
+        image_size=image_size,
         num_classes=cfg.task.ways,
         width=cfg.model.width,
         depth=cfg.model.depth,

@@ -18,6 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
+from client.node import spec_for
 from client.protocol import CONFIG, METRICS, NODE, REG_WEIGHT_KEY, ROUND_KEY, encode_config
 from conf.schema import to_flat
 from gating import GatedConvNet, ModelSpec, dense_macs
@@ -145,15 +146,7 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     if type(grid).__name__ == "InMemoryGrid":  # simulation: polling a local queue is cheap
         grid.pull_interval = 0.01  # Flower's 0.1 s default costs up to that much per exchange
     roster = discover(grid, cfg)
-    spec = ModelSpec(
-        in_channels=roster.channels,
-        image_size=roster.image_size,
-        num_classes=cfg.task.ways,
-        width=cfg.model.width,
-        depth=cfg.model.depth,
-        gate_hidden=cfg.model.gate_hidden,
-        gate_bias=cfg.model.gate_bias,
-    )
+    spec = spec_for(cfg, roster.channels, roster.image_size)
     fed = cfg.federation
     strategy = STRATEGY_CLASSES[cfg.strategy.name](
         initial_parameters(spec, cfg.seed),
