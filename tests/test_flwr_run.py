@@ -181,6 +181,8 @@ def superlink(tmp_path) -> Iterator[SuperLink]:
         # Otherwise every run `uv sync`s the app's dependencies into a fresh environment.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PYTHONUNBUFFERED": "1",
+        # The SuperLink starts flower-superexec & co. by name: this venv's, even when not active.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = tmp_path / "superlink.log"
     with log.open("w") as out:
