@@ -131,16 +131,19 @@ def _sgd_stage(
     return params
 
 
+def stages(cfg: MetaConfig) -> list[tuple[str, float]]:
+    """(group, inner step size) in the configured order; no gate stage when gating is off."""
+    order = [(BACKBONE, cfg.backbone_lr), (GATE, cfg.gate_lr)]
+    if cfg.order == "gate_first":
+        order.reverse()
+    return [(group, lr) for group, lr in order if group != GATE or cfg.gating]
+
+
 def adapt(
     model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
 ) -> Params:
     """The two-stage adaptation; ``create_graph`` keeps the result differentiable (2nd order)."""
-    stages = [(BACKBONE, cfg.backbone_lr), (GATE, cfg.gate_lr)]
-    if cfg.order == "gate_first":
-        stages.reverse()
-    for group, lr in stages:
-        if group == GATE and not cfg.gating:
-            continue
+    for group, lr in stages(cfg):
         params = _sgd_stage(model, params, group, lr, support, cfg, create_graph)
     return params
 

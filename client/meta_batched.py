@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from client.meta import Batch, MetaConfig, MetaStep, Params, task_loss
-from gating import BACKBONE, GATE, GatedConvNet, LayerTrace, flops_ratio
+from client.meta import Batch, MetaConfig, MetaStep, Params, stages, task_loss
+from gating import BACKBONE, GatedConvNet, LayerTrace, flops_ratio
 
 
 def _stage(
@@ -39,12 +39,7 @@ def _stage(
 
 def adapt(model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig) -> Params:
     """The two-stage adaptation of ``client.meta.adapt``, in ``torch.func`` form."""
-    stages = [(BACKBONE, cfg.backbone_lr), (GATE, cfg.gate_lr)]
-    if cfg.order == "gate_first":
-        stages.reverse()
-    for group, lr in stages:
-        if group == GATE and not cfg.gating:
-            continue
+    for group, lr in stages(cfg):
         params = _stage(model, params, group, lr, support, cfg)
     return params
 
