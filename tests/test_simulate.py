@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "federation=tiny",
@@ -24,21 +26,11 @@ TINY = [
 ]
 
 
-def env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr_home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def simulate(tmp_path: Path, run_dir: Path, *overrides: str, timeout: float = 300):
     return subprocess.run(
         [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
-        env=env(tmp_path),
+        env=subprocess_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -114,7 +106,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={interrupted}"],
         cwd=ROOT,
-        env=env(tmp_path),
+        env=subprocess_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

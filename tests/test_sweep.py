@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from analysis.report import build_rows, report
 from analysis.runs import FAILURE_FILE, find_runs, write_failure
 from conf.schema import SimulateConfig
+from tests.support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -35,24 +36,13 @@ TINY = [
 ]
 
 
-def env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-        "FLWR_HOME": str(tmp_path / "flwr_home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 def multirun(
     tmp_path: Path, sweep_dir: Path, *overrides: str, timeout: float = 300, **extra_env: str
 ):
     return subprocess.run(
         [sys.executable, "simulate.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT,
-        env={**env(tmp_path), **extra_env},
+        env={**subprocess_env(tmp_path), **extra_env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -200,7 +190,7 @@ def ray_cluster(tmp_path):
     ]
     start = subprocess.Popen(
         command,
-        env=env(tmp_path),
+        env=subprocess_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -249,7 +239,7 @@ def test_simulation_attached_to_a_local_ray_cluster_completes_and_leaves_it_runn
     # Detaching did not stop the cluster.
     status = subprocess.run(
         [ray_cluster["ray"], "status", f"--address={address}"],
-        env=env(tmp_path),
+        env=subprocess_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=60,
