@@ -293,16 +293,16 @@ def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
                 capsize=3,
                 label=row.label,
             )
-        ax.set(
-            xlabel="MACs per image (realized, gates included)",
-            ylabel="target accuracy after adaptation",
-            title=f"Accuracy vs compute: {protocol_name(protocol)}",
+        paths.append(
+            _finish(
+                fig,
+                ax,
+                "MACs per image (realized, gates included)",
+                "Accuracy vs compute",
+                protocol,
+                out / "accuracy_vs_macs",
+            )
         )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / f"accuracy_vs_macs_{'_'.join(map(str, protocol))}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
     return paths
 
 
@@ -318,17 +318,25 @@ def plot_accuracy_per_round(rows: list[Row], out: Path) -> list[Path]:
                         per_round[h["round"]].append(h["accuracy"])
             rounds = sorted(per_round)
             ax.plot(rounds, [np.mean(per_round[r]) for r in rounds], "o-", ms=3, label=row.label)
-        ax.set(
-            xlabel="round",
-            ylabel="target accuracy after adaptation",
-            title=f"Accuracy per round: {protocol_name(protocol)}",
+        paths.append(
+            _finish(fig, ax, "round", "Accuracy per round", protocol, out / "accuracy_per_round")
         )
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / f"accuracy_per_round_{'_'.join(map(str, protocol))}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
     return paths
+
+
+def _finish(fig, ax, xlabel: str, title: str, protocol: tuple, stem: Path) -> Path:
+    """Label, save as ``<stem>_<dataset>_<ways>_<shots>.png`` and close one protocol's figure."""
+    ax.set(
+        xlabel=xlabel,
+        ylabel="target accuracy after adaptation",
+        title=f"{title}: {protocol_name(protocol)}",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = stem.with_name(f"{stem.name}_{'_'.join(map(str, protocol))}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def report(roots: list[Path], out: Path) -> list[Path]:
