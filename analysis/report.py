@@ -9,6 +9,10 @@ several seeds, the standard deviation over seeds (accuracy, flops_ratio, MACs, w
 one seed, accuracy's ± is the 95% interval over that run's target tasks. Settings a strategy does
 not read (ρ for fedmeta) do not split its runs: identical configurations are merged, runs of the
 same seed averaged first, and the merge is noted. Failed runs are listed, never silently dropped.
+
+Runs of one protocol and seed adapt on the same target tasks, so each row is also compared with
+the reference strategy (fedmeta unless ``--reference``) task by task: the paired difference is
+far tighter than the two rows' own intervals, which are dominated by how hard each task is.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import matplotlib
 import numpy as np
 
 from analysis.runs import NOT_A_SETTING, Run, find_runs, inert_keys
+from server.strategy import mean_ci95
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -52,6 +57,7 @@ COLUMNS = [
     ("configuration", "configuration"),
     ("seeds", "seeds"),
     ("accuracy", "accuracy"),
+    ("paired_delta", "Δ accuracy vs reference (paired)"),
     ("flops_ratio", "flops_ratio"),
     ("macs", "MACs / image"),
     ("wall_seconds", "wall s"),
@@ -181,6 +187,50 @@ def aggregate(group: list[Run]) -> dict[str, float]:
     return values
 
 
+def add_paired_deltas(rows: list[Row], reference: str) -> None:
+    """Accuracy minus the reference strategy's on the same target tasks, per row.
+
+    Per seed the mean of per-task differences; with one seed ± is the 95% interval over tasks,
+    with several the standard deviation of the per-seed means (as for every other column).
+    Rows without per-task accuracies (older runs) or without a shared seed get none.
+    """
+    for protocol in {r.protocol for r in rows}:
+        members = [r for r in rows if r.protocol == protocol]
+        references = [r for r in members if r.runs[0].config["strategy.name"] == reference]
+        if len(references) != 1:
+            continue  # no reference, or several configurations of it: nothing unambiguous
+        base = _tasks_by_seed(references[0])
+        for row in members:
+            if row is references[0]:
+                row.values.update(paired_delta=0.0, paired_delta_reference=1.0)
+                continue
+            per_seed = []
+            for seed, tasks in _tasks_by_seed(row).items():
+                shared = sorted(set(tasks) & set(base.get(seed, {})))
+                if shared:
+                    per_seed.append([tasks[t] - base[seed][t] for t in shared])
+            if len(per_seed) == 1:
+                row.values["paired_delta"], row.values["paired_delta_ci95"] = mean_ci95(per_seed[0])
+                row.values["paired_tasks"] = len(per_seed[0])
+            elif per_seed:
+                means = [float(np.mean(d)) for d in per_seed]
+                row.values["paired_delta"] = float(np.mean(means))
+                row.values["paired_delta_std"] = float(np.std(means, ddof=1))
+                row.values["paired_tasks"] = float(np.mean([len(d) for d in per_seed]))
+
+
+def _tasks_by_seed(row: Row) -> dict[Any, dict[str, float]]:
+    """Per-task accuracies per seed; runs of one seed (merged rows) are averaged task by task."""
+    collected: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in row.runs:
+        for task, accuracy in run.task_accuracy.items():
+            collected[run.config.get("seed")][task].append(float(accuracy))
+    return {
+        seed: {task: float(np.mean(v)) for task, v in tasks.items()}
+        for seed, tasks in collected.items()
+    }
+
+
 def _number(key: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -194,11 +244,15 @@ def _number(key: str, value: Any) -> str:
         return f"{value:.2f}"
     if key.startswith("accuracy") or key == "nearest_centroid_accuracy":
         return f"{value:.4f}"
+    if key.startswith("paired_delta"):
+        return f"{value:+.4f}"
     return f"{value:.3f}"
 
 
 def _cell(key: str, values: dict[str, float]) -> str:
     """``mean ± std`` over seeds; accuracy of a single seed gets its 95% CI, marked as such."""
+    if key == "paired_delta":
+        return _paired_cell(values)
     text = _number(key, values.get(key))
     if key not in SPREAD:
         return text
@@ -208,6 +262,19 @@ def _cell(key: str, values: dict[str, float]) -> str:
     if key == "accuracy" and not math.isnan(values.get("accuracy_ci95", math.nan)):
         return f"{text} ± {_number(key, values['accuracy_ci95'])} (CI)"
     return text
+
+
+def _paired_cell(values: dict[str, float]) -> str:
+    if values.get("paired_delta_reference"):
+        return "reference"
+    if "paired_delta" not in values:
+        return "-"
+    text = _number("paired_delta", values["paired_delta"])
+    if "paired_delta_std" in values:
+        return f"{text} ± {values['paired_delta_std']:.4f}"
+    ci = values.get("paired_delta_ci95", math.nan)
+    tasks = int(values["paired_tasks"])
+    return text if math.isnan(ci) else f"{text} ± {ci:.4f} (CI, {tasks} tasks)"
 
 
 def protocol_name(protocol: tuple[str, int, int]) -> str:
@@ -223,13 +290,18 @@ def _shown_path(path: Path, roots: list[Path]) -> str:
 
 
 def write_tables(
-    rows: list[Row], failed: list[Run], out: Path, roots: list[Path] | None = None
+    rows: list[Row],
+    failed: list[Run],
+    out: Path,
+    roots: list[Path] | None = None,
+    reference: str = "fedmeta",
 ) -> tuple[Path, Path]:
     roots = roots or []
     lines = ["# Report", ""]
     for protocol in sorted({r.protocol for r in rows}):
         lines += [f"## {protocol_name(protocol)}", ""]
-        lines.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
+        titles = [title.replace("reference", reference) for _, title in COLUMNS]
+        lines.append("| " + " | ".join(titles) + " |")
         lines.append("|" + "---|" * len(COLUMNS))
         members = [r for r in rows if r.protocol == protocol]
         for row in members:
@@ -246,6 +318,8 @@ def write_tables(
     lines += [
         "Values are means over seeds; `±` is the standard deviation over seeds, or, for a single "
         "seed's accuracy (marked CI), the 95% interval over its target tasks.",
+        f"Δ vs {reference}: mean over the shared target tasks of (accuracy - {reference}'s "
+        "accuracy on the same task), same seed; `-` where per-task accuracies are missing.",
         "MACs are multiply-adds per image (gates included); flops_ratio = realized / dense.",
     ]
     markdown = out / "report.md"
@@ -256,6 +330,12 @@ def write_tables(
     for key in METRICS:
         numbers += [key, f"{key}_std"] if key in SPREAD else [key]
     numbers.insert(numbers.index("accuracy_std") + 1, "accuracy_ci95")
+    numbers[numbers.index("accuracy_ci95") + 1 : 0] = [
+        "paired_delta",
+        "paired_delta_ci95",
+        "paired_delta_std",
+        "paired_tasks",
+    ]
     table = out / "report.csv"
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -339,14 +419,15 @@ def _finish(fig, ax, xlabel: str, title: str, protocol: tuple, stem: Path) -> Pa
     return path
 
 
-def report(roots: list[Path], out: Path) -> list[Path]:
+def report(roots: list[Path], out: Path, reference: str = "fedmeta") -> list[Path]:
     runs = find_runs(*roots)
     if not runs:
         raise SystemExit(f"no run folders under {', '.join(map(str, roots))}")
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(runs)
+    add_paired_deltas(rows, reference)
     failed = [run for run in runs if run.failure is not None]
-    written = list(write_tables(rows, failed, out, roots))
+    written = list(write_tables(rows, failed, out, roots, reference))
     if rows:
         written += plot_accuracy_vs_macs(rows, out) + plot_accuracy_per_round(rows, out)
     return written
@@ -356,8 +437,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("roots", nargs="+", type=Path, help="run or sweep folders")
     parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
+    parser.add_argument(
+        "--reference",
+        default="fedmeta",
+        help="strategy every row is compared with task by task (default: fedmeta)",
+    )
     args = parser.parse_args(argv)
-    written = report(args.roots, args.out or args.roots[0])
+    written = report(args.roots, args.out or args.roots[0], args.reference)
     print((written[0]).read_text())
     print("written:", *written, sep="\n  ")
 

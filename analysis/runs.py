@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import settings_from_flat, to_flat
+from server.results import TASK_ACCURACY_FILE
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
 # Keys that never make two runs different configurations.
@@ -30,6 +31,7 @@ class Run:
     summary: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     failure: str | None = None
+    task_accuracy: dict[str, float] = field(default_factory=dict)  # target partition -> accuracy
 
     @property
     def protocol(self) -> tuple[str, int, int]:
@@ -84,6 +86,8 @@ def load_run(path: Path) -> Run:
         run.summary = json.loads((path / "summary.json").read_text())
     if (path / "history.json").exists():
         run.history = json.loads((path / "history.json").read_text())
+    if (path / TASK_ACCURACY_FILE).exists():
+        run.task_accuracy = json.loads((path / TASK_ACCURACY_FILE).read_text())
     if (path / FAILURE_FILE).exists():
         run.failure = (path / FAILURE_FILE).read_text().strip()
     elif run.summary is None:

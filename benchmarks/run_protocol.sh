@@ -22,10 +22,9 @@ run metagater_r0.5 strategy=metagater gating.target_ratio=0.5
 run fedmeta strategy=fedmeta
 run fedavg strategy=fedavg
 run perfedavg_hf strategy=perfedavg
-run metagater_r0.5_outer strategy=metagater gating.where=outer
-run metagater_fo strategy=metagater_fo gating.target_ratio=0.5
 run metagater_r0.3 strategy=metagater gating.target_ratio=0.3
 run metagater_r0.7 strategy=metagater gating.target_ratio=0.7
 run metagater_r1.0 strategy=metagater gating.target_ratio=1.0
+run metagater_fo strategy=metagater_fo gating.target_ratio=0.5
 run perfedavg_fo strategy=perfedavg meta.first_order=true
 "$python" -m analysis.report "$out" --out "$out"

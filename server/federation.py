@@ -23,7 +23,7 @@ from client.protocol import CONFIG, METRICS, NODE, REG_WEIGHT_KEY, ROUND_KEY, en
 from conf.schema import to_flat
 from gating import GatedConvNet, ModelSpec, dense_macs
 from server.checkpoint import CHECKPOINT_NAME, check_resumable, load_checkpoint, save_checkpoint
-from server.results import SUMMARY_KEYS, plot_history, write_json
+from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
 from server.strategy import STRATEGY_CLASSES
 
 
@@ -139,6 +139,11 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
             )
         saved = load_checkpoint(checkpoint_path)
         check_resumable(saved["config"], flat)
+        if saved["round"] > cfg.federation.rounds:
+            raise FederationError(
+                f"{checkpoint_path} is at round {saved['round']}, past "
+                f"federation.rounds={cfg.federation.rounds}: resume with at least that many"
+            )
     elif cfg.resume:
         raise FederationError(f"resume=true but there is no checkpoint at {checkpoint_path}")
     OmegaConf.save(cfg, out_dir / "config.yaml")
@@ -169,12 +174,20 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         log(INFO, "resuming after round %d from %s", saved["round"], checkpoint_path)
     strategy.summary()
 
+    def evaluate(server_round: int, arrays, config, everyone: bool) -> dict[str, float]:
+        messages = strategy.configure_evaluate(server_round, arrays, config, grid, everyone)
+        replies = grid.send_and_receive(messages, timeout=fed.timeout)
+        evaluation = strategy.aggregate_evaluate(server_round, replies)
+        return {} if evaluation is None else {k: float(v) for k, v in evaluation.items()}
+
+    def round_config(server_round: int):
+        weight = regularizer_weight(cfg, server_round)
+        return encode_config(flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
+
     arrays = strategy.arrays()
     for server_round in range(first_round, fed.rounds + 1):
         round_start = time.monotonic()
-        config = encode_config(
-            flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: regularizer_weight(cfg, server_round)}
-        )
+        config = round_config(server_round)
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, config, grid), timeout=fed.timeout
         )
@@ -189,18 +202,12 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
             "reg_weight": config[REG_WEIGHT_KEY],
         }
         final = server_round == fed.rounds
-        if final or server_round % fed.eval_every == 0:
-            messages = strategy.configure_evaluate(
-                server_round, arrays, config, grid, everyone=final
-            )
-            evaluation = strategy.aggregate_evaluate(
-                server_round, grid.send_and_receive(messages, timeout=fed.timeout)
-            )
-            if evaluation is not None:
-                record.update({k: float(v) for k, v in evaluation.items()})
+        if not final and server_round % fed.eval_every == 0:
+            record.update(evaluate(server_round, arrays, config, everyone=False))
         record["seconds"] = time.monotonic() - round_start
         history.append(record)
-        _log_round(record, fed.rounds)
+        if not final:
+            _log_round(record, fed.rounds)
         save_checkpoint(
             checkpoint_path,
             {
@@ -213,9 +220,18 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         )
         write_json(out_dir / "history.json", history)
 
-    final_eval = strategy.last_evaluation or {}
+    # The final evaluation (every target node) comes after the last checkpoint, so a run
+    # interrupted during it resumes straight into it, and resume=true on a finished run
+    # evaluates its final parameters again.
+    evaluation_start = time.monotonic()
+    history[-1].update(evaluate(fed.rounds, arrays, round_config(fed.rounds), everyone=True))
+    history[-1]["evaluation_seconds"] = time.monotonic() - evaluation_start
+    _log_round(history[-1], fed.rounds)
+    write_json(out_dir / "history.json", history)
+    final_eval = strategy.last_evaluation
     if not final_eval:
         raise FederationError("the final evaluation got no result from any target node")
+    write_json(out_dir / TASK_ACCURACY_FILE, final_eval["task_accuracy"])
     summary = {
         "strategy": cfg.strategy.name,
         "dataset": cfg.dataset.name,

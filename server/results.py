@@ -13,6 +13,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# Accuracy after adaptation per target task (partition id -> accuracy) at the final evaluation:
+# runs on the same protocol and seed share their target tasks, so the report can pair them.
+TASK_ACCURACY_FILE = "task_accuracy.json"
 SUMMARY_KEYS = (
     "strategy",
     "dataset",

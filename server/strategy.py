@@ -225,7 +225,8 @@ class ServerOptimizerStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        results = []
+        partition_of = {node: p for p, node in self.target_nodes.items()}
+        results, task_accuracy = [], {}
         for msg in replies:
             if msg.has_error():
                 log(
@@ -237,6 +238,8 @@ class ServerOptimizerStrategy(Strategy):
                 )
             elif METRICS in msg.content.metric_records:
                 results.append(msg.content[METRICS])
+                partition = partition_of[msg.metadata.src_node_id]
+                task_accuracy[str(partition)] = float(results[-1]["accuracy"])
         if not results:
             log(WARNING, "round %d: no target node reported", server_round)
             return None
@@ -254,7 +257,11 @@ class ServerOptimizerStrategy(Strategy):
             ),
             "target_tasks": len(results),
         }
-        self.last_evaluation = {**aggregated, "layer_active": [float(v) for v in layer_active]}
+        self.last_evaluation = {
+            **aggregated,
+            "layer_active": [float(v) for v in layer_active],
+            "task_accuracy": dict(sorted(task_accuracy.items(), key=lambda kv: int(kv[0]))),
+        }
         return MetricRecord({k: v for k, v in aggregated.items() if not math.isnan(v)})
 
 

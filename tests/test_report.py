@@ -21,6 +21,7 @@ def write_run(
     macs: float,
     seed: int = 0,
     finished: bool = True,
+    tasks: dict[str, float] | None = None,
 ) -> None:
     cfg = default_config()
     for key, value in {**overrides, "seed": seed}.items():
@@ -56,18 +57,31 @@ def write_run(
             "bytes_per_client_round": 1000.0,
         }
         (folder / "summary.json").write_text(json.dumps(summary))
+    if tasks is not None:
+        (folder / "task_accuracy.json").write_text(json.dumps(tasks))
+
+
+# Per-task accuracies by seed (target partition -> accuracy); task "3" is not shared.
+FEDMETA_TASKS = {0: {"0": 0.8, "1": 0.6, "2": 1.0}, 1: {"0": 0.5, "1": 0.5}}
+GATED_TASKS = {0: {"0": 0.7, "1": 0.6, "2": 0.9, "3": 0.5}, 1: {"0": 0.6, "1": 0.5}}
 
 
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     root = tmp_path / "bench"
     dense = {"strategy.name": "fedmeta", "gating.enabled": False}
-    write_run(root / "fedmeta_s0", dense, 0.80, 200_000, seed=0)
-    write_run(root / "fedmeta_s1", dense, 0.76, 200_000, seed=1)
+    write_run(root / "fedmeta_s0", dense, 0.80, 200_000, seed=0, tasks=FEDMETA_TASKS[0])
+    write_run(root / "fedmeta_s1", dense, 0.76, 200_000, seed=1, tasks=FEDMETA_TASKS[1])
     for ratio, accuracy in ((0.3, 0.70), (0.5, 0.78)):
         write_run(
-            root / f"metagater_{ratio}", {"gating.target_ratio": ratio}, accuracy, ratio * 200_000
+            root / f"metagater_{ratio}",
+            {"gating.target_ratio": ratio},
+            accuracy,
+            ratio * 200_000,
+            tasks=GATED_TASKS[0],
         )
+    half = {"gating.target_ratio": 0.5}
+    write_run(root / "metagater_0.5_s1", half, 0.78, 100_000, seed=1, tasks=GATED_TASKS[1])
     write_run(root / "digits_run", {"dataset.name": "digits", "task.shots": 1}, 0.9, 50_000)
     write_run(
         root / "crashed",
@@ -93,7 +107,8 @@ def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "## digits 5-way 5-shot" in markdown and "## digits 5-way 1-shot" in markdown
     with (out / "report.csv").open() as handle:
-        rows = {row["configuration"]: row for row in csv.DictReader(handle)}
+        csv_rows = list(csv.DictReader(handle))
+    rows = {row["configuration"]: row for row in csv_rows if row["shots"] == "5"}
     # Two seeds of one configuration: mean and standard deviation over seeds.
     fedmeta = rows["fedmeta"]
     assert int(fedmeta["seeds"]) == 2
@@ -103,7 +118,22 @@ def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
     gated = rows["metagater ρ=0.3"]
     assert float(gated["accuracy_ci95"]) == pytest.approx(0.01)
     assert float(gated["macs"]) == pytest.approx(60_000)
-    assert "metagater ρ=0.5" in rows
+    # Paired with fedmeta on the shared target tasks of the same seed: one seed gives the 95%
+    # interval over tasks, two seeds the standard deviation of the per-seed mean differences.
+    seed0 = [-0.1, 0.0, -0.1]
+    assert float(gated["paired_delta"]) == pytest.approx(np.mean(seed0))
+    assert float(gated["paired_delta_ci95"]) == pytest.approx(
+        1.96 * np.std(seed0, ddof=1) / np.sqrt(3)
+    )
+    assert float(gated["paired_tasks"]) == 3
+    both = rows["metagater ρ=0.5"]
+    assert int(both["seeds"]) == 2
+    assert float(both["paired_delta"]) == pytest.approx(np.mean([np.mean(seed0), 0.05]))
+    assert float(both["paired_delta_std"]) == pytest.approx(np.std([np.mean(seed0), 0.05], ddof=1))
+    assert float(fedmeta["paired_delta"]) == 0.0
+    one_shot = [row for row in csv_rows if row["shots"] == "1"]
+    assert len(one_shot) == 1 and one_shot[0]["paired_delta"] == ""  # no fedmeta there
+    assert "Δ accuracy vs fedmeta (paired)" in markdown and "(CI, 3 tasks)" in markdown
     # A run without a summary is reported as failed, not dropped and not averaged in.
     assert "## Failed runs" in markdown and "crashed" in markdown
     assert not any(key.startswith("fedavg") for key in rows)

@@ -136,6 +136,21 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     history_a = json.loads((straight / "history.json").read_text())
     history_b = json.loads((interrupted / "history.json").read_text())
     assert [h["train_loss"] for h in history_a] == [h["train_loss"] for h in history_b]
+    tasks_a = json.loads((straight / "task_accuracy.json").read_text())
+    assert len(tasks_a) == 3  # TINY's target nodes, keyed by partition id
+    assert tasks_a == json.loads((interrupted / "task_accuracy.json").read_text())
+
+    # resume=true on a finished run evaluates its final parameters again (same tasks, same
+    # numbers) without training further; a run cannot resume into fewer rounds than it did
+    (straight / "task_accuracy.json").unlink()
+    again = simulate(tmp_path, straight, *overrides, "resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((straight / "task_accuracy.json").read_text()) == tasks_a
+    assert torch.load(straight / "checkpoint.pt", weights_only=False)["round"] == 6
+    fewer = simulate(
+        tmp_path, straight, *TINY, "federation.rounds=5", "federation.eval_every=3", "resume=true"
+    )
+    assert fewer.returncode != 0 and "past federation.rounds=5" in fewer.stderr + fewer.stdout
 
 
 def test_a_missing_dataset_fails_before_ray_starts_and_says_how_to_get_it(tmp_path):

@@ -238,6 +238,8 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_interval():
     )
     assert metrics["target_tasks"] == 2
     assert strategy.last_evaluation["layer_active"] == [1.0, 0.5]
+    # per target partition, so that runs on the same target tasks can be paired
+    assert strategy.last_evaluation["task_accuracy"] == {"4": 0.6, "5": 0.9}
     mean, half = mean_ci95([1.0])
     assert mean == 1.0 and math.isnan(half)
 
