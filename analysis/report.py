@@ -105,7 +105,7 @@ def _short(value: Any) -> str:
 
 
 def label(run: Run, keys: list[str], exact: bool = False) -> str:
-    """``metagater ρ=0.3``: the run's value of each varying key its strategy reads."""
+    """``metagater ρ=0.3``: the run's value of each of ``keys`` its strategy reads."""
     inert = inert_keys(run.config)
     parts = []
     for key in keys:
@@ -130,7 +130,18 @@ def build_rows(runs: list[Run]) -> list[Row]:
         for run in members:
             inert = inert_keys(run.config)
             groups[tuple((k, repr(run.config.get(k))) for k in keys if k not in inert)].append(run)
-        labels = [label(group[0], keys) for group in groups.values()]
+        # A label names the settings that vary among its own strategy's runs: "fedavg", not
+        # "fedavg first_order=True" because Per-FedAvg was run both ways.
+        per_strategy: dict[str, list[Run]] = defaultdict(list)
+        for run in members:
+            per_strategy[run.config["strategy.name"]].append(run)
+        shown = {
+            name: [k for k in keys if k == "strategy.name" or k in varying_keys(same)]
+            for name, same in per_strategy.items()
+        }
+        labels = [
+            label(group[0], shown[group[0].config["strategy.name"]]) for group in groups.values()
+        ]
         for (identity, group), name in zip(groups.items(), labels, strict=True):
             if labels.count(name) > 1:  # values that only differ past 4 significant digits
                 name = label(group[0], keys, exact=True)

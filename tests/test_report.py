@@ -80,6 +80,14 @@ def runs(tmp_path: Path) -> Path:
             ratio * 200_000,
             tasks=GATED_TASKS[0],
         )
+    for first_order in (True, False):  # varies within perfedavg only: not in other labels
+        perfedavg = {"strategy.name": "perfedavg", "gating.enabled": False}
+        write_run(
+            root / f"perfedavg_{first_order}",
+            {**perfedavg, "meta.first_order": first_order},
+            0.6,
+            200_000,
+        )
     half = {"gating.target_ratio": 0.5}
     write_run(root / "metagater_0.5_s1", half, 0.78, 100_000, seed=1, tasks=GATED_TASKS[1])
     write_run(root / "digits_run", {"dataset.name": "digits", "task.shots": 1}, 0.9, 50_000)
@@ -109,6 +117,7 @@ def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
     with (out / "report.csv").open() as handle:
         csv_rows = list(csv.DictReader(handle))
     rows = {row["configuration"]: row for row in csv_rows if row["shots"] == "5"}
+    assert {"perfedavg first_order=True", "perfedavg first_order=False"} <= set(rows)
     # Two seeds of one configuration: mean and standard deviation over seeds.
     fedmeta = rows["fedmeta"]
     assert int(fedmeta["seeds"]) == 2
