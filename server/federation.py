@@ -184,7 +184,7 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         weight = regularizer_weight(cfg, server_round)
         return encode_config(flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
 
-    arrays = strategy.arrays()
+    arrays, state = strategy.arrays(), saved
     for server_round in range(first_round, fed.rounds + 1):
         round_start = time.monotonic()
         config = round_config(server_round)
@@ -208,26 +208,26 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         history.append(record)
         if not final:
             _log_round(record, fed.rounds)
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "round": server_round,
-                "strategy": strategy.state_dict(),
-                "history": history,
-                "config": flat,
-                "wall_seconds": elapsed_before + time.monotonic() - started,
-            },
-        )
+        state = {
+            "round": server_round,
+            "strategy": strategy.state_dict(),
+            "history": history,
+            "config": flat,
+            "wall_seconds": elapsed_before + time.monotonic() - started,
+        }
+        save_checkpoint(checkpoint_path, state)
         write_json(out_dir / "history.json", history)
 
-    # The final evaluation (every target node) comes after the last checkpoint, so a run
-    # interrupted during it resumes straight into it, and resume=true on a finished run
-    # evaluates its final parameters again.
+    # The final evaluation (every target node) comes after the last round's checkpoint, so a
+    # run interrupted during it resumes straight into it, and resume=true on a finished run
+    # evaluates its final parameters again. Its result then goes into the checkpoint's history
+    # (kept by a later extension to more rounds); wall_seconds there stays the training time.
     evaluation_start = time.monotonic()
     history[-1].update(evaluate(fed.rounds, arrays, round_config(fed.rounds), everyone=True))
     history[-1]["evaluation_seconds"] = time.monotonic() - evaluation_start
     _log_round(history[-1], fed.rounds)
     write_json(out_dir / "history.json", history)
+    save_checkpoint(checkpoint_path, {**state, "history": history})
     final_eval = strategy.last_evaluation
     if not final_eval:
         raise FederationError("the final evaluation got no result from any target node")

@@ -146,7 +146,12 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     again = simulate(tmp_path, straight, *overrides, "resume=true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((straight / "task_accuracy.json").read_text()) == tasks_a
-    assert torch.load(straight / "checkpoint.pt", weights_only=False)["round"] == 6
+    final_state = torch.load(straight / "checkpoint.pt", weights_only=False)
+    assert final_state["round"] == 6
+    # the final evaluation is in the checkpoint's history too, so an extension keeps it
+    assert final_state["history"][-1]["accuracy"] == pytest.approx(
+        json.loads((straight / "summary.json").read_text())["accuracy"]
+    )
     fewer = simulate(
         tmp_path, straight, *TINY, "federation.rounds=5", "federation.eval_every=3", "resume=true"
     )
