@@ -384,6 +384,18 @@ def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
                 capsize=3,
                 label=row.label,
             )
+        _connect_ratio_sweeps(ax, members)
+        floor = [r.values["nearest_centroid_accuracy"] for r in members]
+        if floor and not math.isnan(np.mean(floor)):
+            ax.axhline(float(np.mean(floor)), ls="--", lw=1, color="gray")
+            ax.annotate(
+                "nearest-centroid floor",
+                (0.01, float(np.mean(floor))),
+                fontsize=7,
+                xycoords=("axes fraction", "data"),
+                va="bottom",
+                color="gray",
+            )
         paths.append(
             _finish(
                 fig,
@@ -395,6 +407,29 @@ def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
             )
         )
     return paths
+
+
+def _connect_ratio_sweeps(ax, rows: list[Row]) -> None:
+    """A thin line through the rows of one strategy that differ only in the target ratio."""
+    sweeps: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        if "gating.target_ratio" in row.settings:
+            rest = tuple(
+                sorted((k, repr(v)) for k, v in row.settings.items() if k != "gating.target_ratio")
+            )
+            sweeps[rest].append(row)
+    for members in sweeps.values():
+        if len(members) > 1:
+            members.sort(key=lambda r: r.values["macs"])
+            ax.plot(
+                [r.values["macs"] for r in members],
+                [r.values["accuracy"] for r in members],
+                "-",
+                lw=0.8,
+                color="gray",
+                alpha=0.6,
+                zorder=0,
+            )
 
 
 def plot_accuracy_per_round(rows: list[Row], out: Path) -> list[Path]:
