@@ -223,6 +223,7 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     # evaluates its final parameters again. Its result then goes into the checkpoint's history
     # (kept by a later extension to more rounds); wall_seconds there stays the training time.
     evaluation_start = time.monotonic()
+    strategy.last_evaluation = {}  # a periodic evaluation's result must not pass for the final one
     history[-1].update(evaluate(fed.rounds, arrays, round_config(fed.rounds), everyone=True))
     history[-1]["evaluation_seconds"] = time.monotonic() - evaluation_start
     _log_round(history[-1], fed.rounds)
