@@ -12,6 +12,7 @@ from client.data import load_dataset
 from client.meta import Batch, MetaConfig, adapt, meta_gradients, task_loss
 from client.meta_batched import meta_gradients_batched
 from gating import GatedConvNet, ModelSpec, parameter_groups
+from tests.support import assert_matches_central_differences
 
 WAYS = 3
 
@@ -146,21 +147,7 @@ def test_vmapped_second_order_matches_finite_differences(episodes, order, monkey
         adapted = adapt(model, values, support, cfg, create_graph=False)
         return task_loss(model, adapted, query, cfg, regularize=True)[0].detach().item()
 
-    generator = torch.Generator().manual_seed(0)
-    eps = 1e-6
-    for name, value in params.items():
-        assert step.grads[name].abs().sum() > 0, f"no meta-gradient reaches {name}"
-        for index in torch.randperm(value.numel(), generator=generator)[:3].tolist():
-            losses = []
-            for sign in (1, -1):
-                probe = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-                with torch.no_grad():
-                    probe[name].view(-1)[index] += sign * eps
-                losses.append(objective(probe))
-            numeric = (losses[0] - losses[1]) / (2 * eps)
-            assert step.grads[name].reshape(-1)[index].item() == pytest.approx(
-                numeric, rel=1e-4, abs=1e-7
-            ), name
+    assert_matches_central_differences(step.grads, params, objective)
 
 
 def test_vmapped_gate_noise_is_independent_per_task_and_seeded(episodes):
