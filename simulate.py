@@ -92,7 +92,7 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
 
 def preflight(cfg: DictConfig) -> None:
     """Fail in one clear line, before Ray starts, when the dataset cannot be read at all."""
-    from client.data import load_dataset
+    from gating.data import load_dataset
 
     load_dataset(cfg.dataset.name, cfg.dataset.path, cfg.dataset.image_size)
 

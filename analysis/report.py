@@ -29,7 +29,8 @@ import matplotlib
 import numpy as np
 
 from analysis.runs import NOT_A_SETTING, Run, find_runs, inert_keys
-from server.strategy import mean_ci95
+from conf.choices import StrategyName
+from gating.stats import mean_ci95
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -130,8 +131,8 @@ def build_rows(runs: list[Run]) -> list[Row]:
         for run in members:
             inert = inert_keys(run.config)
             groups[tuple((k, repr(run.config.get(k))) for k in keys if k not in inert)].append(run)
-        # A label names the settings that vary among its own strategy's runs: "fedavg", not
-        # "fedavg first_order=True" because Per-FedAvg was run both ways.
+        # A label names the settings that vary among its own strategy's runs: FedAvg's label is
+        # its bare name even when Per-FedAvg ran with both values of first_order.
         per_strategy: dict[str, list[Run]] = defaultdict(list)
         for run in members:
             per_strategy[run.config["strategy.name"]].append(run)
@@ -305,7 +306,7 @@ def write_tables(
     failed: list[Run],
     out: Path,
     roots: list[Path] | None = None,
-    reference: str = "fedmeta",
+    reference: str = StrategyName.fedmeta,
 ) -> tuple[Path, Path]:
     roots = roots or []
     lines = ["# Report", ""]
@@ -465,7 +466,7 @@ def _finish(fig, ax, xlabel: str, title: str, protocol: tuple, stem: Path) -> Pa
     return path
 
 
-def report(roots: list[Path], out: Path, reference: str = "fedmeta") -> list[Path]:
+def report(roots: list[Path], out: Path, reference: str = StrategyName.fedmeta) -> list[Path]:
     runs = find_runs(*roots)
     if not runs:
         raise SystemExit(f"no run folders under {', '.join(map(str, roots))}")
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="where to write (default: the first folder)")
     parser.add_argument(
         "--reference",
-        default="fedmeta",
+        default=StrategyName.fedmeta.value,
         help="strategy every row is compared with task by task (default: fedmeta)",
     )
     args = parser.parse_args(argv)

@@ -15,13 +15,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from conf.choices import TRAITS, StrategyName
 from conf.schema import settings_from_flat, to_flat
 from server.results import TASK_ACCURACY_FILE
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
 # Keys that never make two runs different configurations.
 NOT_A_SETTING = {"seed", "resume", "output.dir", "output.plots", "federation.timeout"}
-DENSE_LOCAL = ("fedavg", "perfedavg")  # the strategies that read local.*
 
 
 @dataclass
@@ -50,7 +50,8 @@ def inert_keys(config: dict[str, Any]) -> set[str]:
         inert |= {k for k in config if k.startswith("gating.") and k != "gating.enabled"}
         inert |= {"adapt.gate_lr", "adapt.order", "meta.gate_lr"}
         inert |= {"model.gate_hidden", "model.gate_bias"}
-    if config.get("strategy.name") not in DENSE_LOCAL:
+    name = config.get("strategy.name")
+    if name not in set(StrategyName) or not TRAITS[StrategyName(name)].reads_local:
         inert |= {k for k in config if k.startswith("local.")}
     return inert & set(config)
 

@@ -4,9 +4,10 @@ channels only (weights sliced by the realized masks, no multiply-by-zero) agains
     python benchmarks/gated_inference.py                        # meta-trains a model here (A)
     python benchmarks/gated_inference.py --run-dir RUN [--nodes 4]   # a finished run (B)
 
-(A) meta-trains MetaGater in-process on Fashion-MNIST tasks (plain PyTorch, ``client.meta``, no
-Flower): first-order meta-gradients (the ``metagater_fo`` strategy), target ratio 0.5 with the
-lambda warm-up, separate Adam optimizers for backbone and gates, 4 training nodes per step.
+(A) meta-trains MetaGater in-process on Fashion-MNIST tasks (``gating.federated.round``: the
+federation's round without Flower): first-order meta-gradients (the ``metagater_fo``
+strategy), target ratio 0.5 with the lambda warm-up, separate Adam optimizers for backbone and
+gates, 4 training nodes per step.
 (B) takes the meta-initialization of a finished ``python simulate.py dataset=fashion_mnist ...``
 run. Either way each of ``--nodes`` held-out target nodes runs the one two-stage ``Adapt`` on its
 fixed support set exactly as its ClientApp does (``gating.export.adapt_node``); the measured
@@ -14,7 +15,7 @@ inputs are those nodes' query images.
 
 Variants, timed interleaved (each input runs every variant of its group in rotating order;
 medians); the first two form one group, the PyTorch ones another:
-  dense          the plain backbone, every channel, on the C engine of gating/sliced.py
+  dense          the plain backbone, every channel, on the C++ engine of gating/deploy/
   sliced         the adapted gated network, open channels only, same engine  <- the product
   masked_dense   GatedConvNet in GateMode.EVAL (PyTorch; closed channels multiplied by 0)
   module_dense   GatedConvNet in GateMode.OFF (PyTorch)
@@ -44,12 +45,13 @@ import torch
 from host import describe_host  # benchmarks/host.py (the script's folder is on sys.path)
 from omegaconf import DictConfig
 
-from client.meta import Batch, meta_gradients
-from client.node import meta_config, model_for, model_spec, node_task, seed_torch
+from conf.choices import StrategyName
 from conf.schema import default_config, validate
-from gating import GatedConvNet, GateMode, ModelSpec, dense_macs, layer_costs
-from gating.export import Export, adapt_node, load_run, regularizer_weight
-from gating.sliced import SlicedGatedNet, native_available
+from gating.deploy import SlicedGatedNet, native_available
+from gating.export import Export, adapt_node, load_run
+from gating.federated.nodes import node_task
+from gating.federated.round import BareFederation, BareRound
+from gating.model import GatedConvNet, GateMode, ModelSpec, dense_macs, layer_costs
 
 Params = dict[str, torch.Tensor]
 
@@ -62,7 +64,7 @@ def train_config(args: argparse.Namespace) -> DictConfig:
     cfg = default_config()
     cfg.dataset.name = "fashion_mnist"
     cfg.dataset.path = args.data
-    cfg.strategy.name = "metagater_fo"
+    cfg.strategy.name = StrategyName.metagater_fo
     cfg.meta.first_order = True  # about 3x cheaper per step than second order on this CPU
     cfg.meta.backbone_lr = args.backbone_lr
     cfg.meta.gate_lr = args.gate_lr
@@ -77,64 +79,21 @@ def train_config(args: argparse.Namespace) -> DictConfig:
 
 
 def meta_train(cfg: DictConfig, log: Callable[[str], None]) -> Params:
-    """Federated meta-training without Flower: each step samples training nodes, each node
-    computes its meta-gradient on a fresh episode (seeded as the ClientApp seeds it), the
-    example-weighted mean drives one Adam step per parameter group (as server.strategy)."""
-    fed = cfg.federation
-    num_partitions = fed.train_nodes + fed.target_nodes
-    tasks = [
-        node_task(cfg, {"partition-id": p, "num-partitions": num_partitions})
-        for p in range(fed.train_nodes)
-    ]
-    spec = model_spec(cfg, tasks[0])
-    model = model_for(spec)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        init = GatedConvNet(spec)
-    params = {n: torch.nn.Parameter(p.detach().clone()) for n, p in init.named_parameters()}
-    optimizers = {
-        group: torch.optim.Adam(
-            [p for n, p in params.items() if n.startswith(f"{group}.")],
-            lr=cfg.meta.backbone_lr if group == "backbone" else cfg.meta.gate_lr,
-        )
-        for group in ("backbone", "gate")
-    }
-    sampler = random.Random(cfg.seed)
+    """Federated meta-training without Flower: the federation's own round (sampling, each
+    node's meta-gradient, the example-weighted mean and one Adam step per group)."""
     started = time.perf_counter()
-    for step in range(1, fed.rounds + 1):
-        meta_cfg = meta_config(cfg, regularizer_weight(cfg, step))
-        current = {n: p.detach() for n, p in params.items()}
-        sums: Params = {}
-        examples, ratios, accs = 0, [], []
-        for partition in sampler.sample(range(fed.train_nodes), fed.clients_per_round):
-            seed_torch(cfg.seed, partition, step)
-            episode = tasks[partition].episode(np.random.default_rng([cfg.seed, partition, step]))
-            result = meta_gradients(
-                model,
-                current,
-                Batch(episode.support_x, episode.support_y),
-                Batch(episode.query_x, episode.query_y),
-                meta_cfg,
-            )
-            n = len(episode.query_y)
-            for name, grad in result.grads.items():
-                sums[name] = sums.get(name, 0) + grad * n
-            examples += n
-            ratios.append(result.flops_ratio)
-            accs.append(result.query_accuracy)
-        for opt in optimizers.values():
-            opt.zero_grad()
-        for name, p in params.items():
-            p.grad = sums[name] / examples
-        for opt in optimizers.values():
-            opt.step()
-        if step % 25 == 0 or step == fed.rounds:
+    rounds = cfg.federation.rounds
+
+    def progress(step: int, result: BareRound) -> None:
+        if step % 25 == 0 or step == rounds:
+            accuracy = np.mean([u.accuracy for u in result.updates])
+            ratio = np.mean([u.flops_ratio for u in result.updates])
             log(
-                f"  meta-step {step}/{fed.rounds}: query acc {np.mean(accs):.3f}, "
-                f"train flops_ratio {np.mean(ratios):.3f}, lambda {meta_cfg.reg_weight:.2f}, "
-                f"{time.perf_counter() - started:.0f}s"
+                f"  meta-step {step}/{rounds}: query acc {accuracy:.3f}, train flops_ratio "
+                f"{ratio:.3f}, {time.perf_counter() - started:.0f}s"
             )
-    return {n: p.detach().clone() for n, p in params.items()}
+
+    return BareFederation(cfg).train(rounds, progress)
 
 
 # --------------------------------------------------------------------------- timing

@@ -4,15 +4,15 @@ dense MAML, and batching a client's tasks through ``torch.func.vmap`` against a 
     python benchmarks/metagrad.py                      # digits and Fashion-MNIST, ~1-3 min
     python benchmarks/metagrad.py --datasets digits --tasks 8 --reps 20
 
-What is timed is exactly what a ClientApp computes for one task, ``client.meta.meta_gradients``
+What is timed is exactly what a ClientApp computes for one task, ``gating.meta.meta_gradients``
 (Conv-4 width 32 with its gates, the default model; 5-way 5-shot 15-query episodes of training
 node 0; lambda at its full value so the regularizer is in both losses), in four variants:
-  metagater_so   gating on, second order (strategy metagater, the default)
-  metagater_fo   gating on, first order (metagater_fo)
+  gated_so       gating on, second order (strategy metagater, the default)
+  gated_fo       gating on, first order (metagater_fo)
   maml_so        gating off, second order (fedmeta: dense MAML)
   maml_fo        gating off, first order (fedmeta meta.first_order=true: dense FOMAML)
 and, for ``--tasks`` tasks of one client, the loop ``[meta_gradients(...) for each task]``
-against ``client.meta_batched.meta_gradients_batched`` (one vmapped pass over the tasks).
+against ``gating.meta.meta_gradients_batched`` (one vmapped pass over the tasks).
 
 Method: one thread (``torch.set_num_threads(1)``, as in a Ray actor); every variant runs once
 untimed, then ``--reps`` passes, each over all variants in a rotating order on that pass's
@@ -42,21 +42,27 @@ from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from client.data import DatasetError
-from client.meta import Batch, MetaConfig, meta_gradients
-from client.meta_batched import meta_gradients_batched
-from client.node import meta_config, model_for, model_spec, node_task, seed_torch
+from conf.choices import TRAITS, StrategyName
 from conf.schema import default_config, validate
-from gating import GatedConvNet
-from server.federation import initial_parameters
+from gating.data import DatasetError
+from gating.federated.nodes import node_task
+from gating.federated.settings import (
+    initial_parameters,
+    meta_config,
+    model_for,
+    model_spec,
+    seed_torch,
+)
+from gating.meta import Batch, MetaConfig, meta_gradients, meta_gradients_batched
+from gating.model import GatedConvNet
 
 VARIANTS = {  # strategy, meta.first_order
-    "metagater_so": ("metagater", False),
-    "metagater_fo": ("metagater_fo", True),
-    "maml_so": ("fedmeta", False),
-    "maml_fo": ("fedmeta", True),
+    "gated_so": (StrategyName.metagater, False),
+    "gated_fo": (StrategyName.metagater_fo, True),
+    "maml_so": (StrategyName.fedmeta, False),
+    "maml_fo": (StrategyName.fedmeta, True),
 }
-BATCHED = ("metagater_so", "metagater_fo", "maml_so")
+BATCHED = ("gated_so", "gated_fo", "maml_so")
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -110,7 +116,7 @@ def setup(dataset: str, passes: int, tasks: int, seed: int) -> Setup:
         cfg = default_config()
         cfg.dataset.name = dataset
         cfg.strategy.name = strategy
-        cfg.gating.enabled = strategy != "fedmeta"
+        cfg.gating.enabled = TRAITS[strategy].gated
         cfg.meta.first_order = first_order
         cfg.seed = seed
         validate(cfg)
@@ -213,9 +219,9 @@ def measure(dataset: str, reps: int, tasks: int, seed: int) -> Figures:
         image=s.image,
         per_task_s={name: statistics.median(t) for name, t in per_task.items()},
         per_task_mb=per_task_mb,
-        so_over_fo=paired_ratio(per_task["metagater_so"], per_task["metagater_fo"]),
+        so_over_fo=paired_ratio(per_task["gated_so"], per_task["gated_fo"]),
         maml_so_over_fo=paired_ratio(per_task["maml_so"], per_task["maml_fo"]),
-        gated_over_dense_so=paired_ratio(per_task["metagater_so"], per_task["maml_so"]),
+        gated_over_dense_so=paired_ratio(per_task["gated_so"], per_task["maml_so"]),
         loop_s={n: statistics.median(batch_s[f"loop:{n}"]) / tasks for n in BATCHED},
         vmap_s={n: statistics.median(batch_s[f"vmap:{n}"]) / tasks for n in BATCHED},
         speedup={n: paired_ratio(batch_s[f"loop:{n}"], batch_s[f"vmap:{n}"]) for n in BATCHED},
@@ -290,18 +296,18 @@ def main() -> None:
         if f is not main_fig:
             extras += [
                 f"{prefix}so_over_fo={f.so_over_fo:.3f}",
-                f"{prefix}vmap_speedup={f.speedup['metagater_so']:.3f}",
-                f"{prefix}peak_mb_so={f.per_task_mb['metagater_so']:.2f}",
+                f"{prefix}vmap_speedup={f.speedup['gated_so']:.3f}",
+                f"{prefix}peak_mb_so={f.per_task_mb['gated_so']:.2f}",
             ]
         extras += [
             f"{prefix}maml_so_over_fo={f.maml_so_over_fo:.3f}",
-            f"{prefix}vmap_speedup_fo={f.speedup['metagater_fo']:.3f}",
+            f"{prefix}vmap_speedup_fo={f.speedup['gated_fo']:.3f}",
             f"{prefix}vmap_speedup_maml={f.speedup['maml_so']:.3f}",
         ]
     print(
         f"RESULT so_over_fo={main_fig.so_over_fo:.3f} "
-        f"vmap_speedup={main_fig.speedup['metagater_so']:.3f} "
-        f"peak_mb_so={main_fig.per_task_mb['metagater_so']:.2f} " + " ".join(extras)
+        f"vmap_speedup={main_fig.speedup['gated_so']:.3f} "
+        f"peak_mb_so={main_fig.per_task_mb['gated_so']:.2f} " + " ".join(extras)
     )
 
 

@@ -14,11 +14,9 @@ here, while the actors are idle: the two are interleaved round by round and see 
 background load. A Flower round's time is ``history.json``'s ``seconds`` minus the bare round
 that ran inside it.
 
-Bare side: what the ClientApp computes, called directly: for each node the strategy samples
-(same seeded ``random.Random`` over the same partitions), ``client.node.seed_torch`` and the
-episode RNG from (seed, partition, round), ``client.meta.meta_gradients`` on episodes of
-``client.node.node_task``, then the strategy's weighted average (sorted by partition) and one
-Adam step per group. One process, ``torch.set_num_threads(1)`` (each Ray actor gets
+Bare side: ``gating.federated.round.BareFederation``, the round the ClientApp and the strategy
+run, called directly: the strategy's ``NodeSampler``, ``client_update`` for each sampled node,
+the ``ServerStep``. One process, ``torch.set_num_threads(1)`` (each Ray actor gets
 OMP_NUM_THREADS=1). After the run its parameters are checked against Flower's checkpoint.
 
 Parallelism: Flower runs ``A`` actors (``ray.num_cpus`` / ``ray.client_cpus``). The bare figure
@@ -47,7 +45,6 @@ import argparse
 import heapq
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -67,7 +64,6 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr_home"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Message, MessageType  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -78,16 +74,11 @@ from omegaconf import DictConfig  # noqa: E402
 import client.app as client_app_module  # noqa: E402
 import server.app as server_app_module  # noqa: E402
 import simulate  # noqa: E402
-from client.meta import Batch, meta_gradients  # noqa: E402
-from client.node import meta_config, model_for, model_spec, node_task, seed_torch  # noqa: E402
-from client.protocol import CONFIG, METRICS, ROUND_KEY  # noqa: E402
 from conf.schema import validate  # noqa: E402
-from gating import BACKBONE, GATE  # noqa: E402
+from gating.federated.protocol import CONFIG, METRICS, ROUND_KEY  # noqa: E402
+from gating.federated.round import BareFederation  # noqa: E402
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
-from server.federation import initial_parameters, regularizer_weight  # noqa: E402
-from server.strategy import STRATEGY_CLASSES, make_optimizer  # noqa: E402
 
-META_STRATEGIES = ("metagater", "metagater_fo", "fedmeta")
 PHASES = ("1actor", "1actor_pull", "1actor_pump", "2actors")
 CLIENTAPP_SECONDS = "clientapp-seconds"
 CLIENTAPP_NICE = "clientapp-nice"
@@ -114,86 +105,13 @@ def makespan(seconds: Iterable[float], workers: int) -> float:
 
 
 @dataclass
-class BareRound:
+class BareTiming:
     client_seconds: list[float]  # per sampled node, in dispatch order
     server_seconds: float
 
     def ideal(self, workers: int) -> float:
         """The client updates on ``workers`` ideal workers, then the server update."""
         return makespan(self.client_seconds, workers) + self.server_seconds
-
-
-class BareLoop:
-    """The federation's meta-training in one process: the ClientApp's calls, the strategy's
-    sampling, averaging and Adam steps, nothing of Flower."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        if cfg.strategy.name not in META_STRATEGIES:
-            raise SystemExit(f"the bare loop covers {META_STRATEGIES}, not {cfg.strategy.name}")
-        self.cfg = cfg
-        fed = cfg.federation
-        self.num_partitions = fed.train_nodes + fed.target_nodes
-        self.partitions = list(range(fed.train_nodes))  # node_role: the first ones train
-        self.tasks = {p: self._task(p) for p in self.partitions}
-        spec = model_spec(cfg, self.tasks[0])
-        self.model = model_for(spec)
-        self.params = initial_parameters(spec, cfg.seed)
-        learns_gates = STRATEGY_CLASSES[cfg.strategy.name].learns_gates
-        self.learned = [n for n in self.params if learns_gates or n.startswith(f"{BACKBONE}.")]
-        lrs = {BACKBONE: cfg.meta.backbone_lr, GATE: cfg.meta.gate_lr}
-        self.leaves = {n: torch.nn.Parameter(t.clone()) for n, t in self.params.items()}
-        self.optimizers = [
-            make_optimizer(cfg.meta.optimizer, members, lrs[group])
-            for group in (BACKBONE, GATE)
-            if (members := [self.leaves[n] for n in self.learned if n.startswith(f"{group}.")])
-        ]
-        self.rng = random.Random(cfg.seed)
-
-    def _task(self, partition: int) -> Any:
-        return node_task(
-            self.cfg, {"partition-id": partition, "num-partitions": self.num_partitions}
-        )
-
-    def client_update(
-        self, partition: int, server_round: int
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """Exactly the metagater/fedmeta branch of ``client.app.train``."""
-        cfg, task = self.cfg, self.tasks[partition]
-        meta_cfg = meta_config(cfg, regularizer_weight(cfg, server_round))
-        seed_torch(cfg.seed, task.partition_id, server_round)
-        rng = np.random.default_rng([cfg.seed, task.partition_id, server_round])
-
-        def episode() -> tuple[Batch, Batch]:
-            drawn = task.episode(rng)
-            return Batch(drawn.support_x, drawn.support_y), Batch(drawn.query_x, drawn.query_y)
-
-        steps = [
-            meta_gradients(self.model, self.params, *episode(), meta_cfg)
-            for _ in range(cfg.task.tasks_per_client)
-        ]
-        update = {n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads}
-        return update, len(steps) * task.spec.ways * task.spec.queries
-
-    def round(self, server_round: int) -> BareRound:
-        sampled = self.rng.sample(self.partitions, self.cfg.federation.clients_per_round)
-        replies, client_seconds = [], []
-        for partition in sampled:
-            start = time.perf_counter()
-            replies.append((partition, *self.client_update(partition, server_round)))
-            client_seconds.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        replies.sort(key=lambda reply: reply[0])  # the strategy's fixed summation order
-        weights = torch.tensor([float(examples) for _, _, examples in replies])
-        weights = weights / weights.sum()
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        for name in self.learned:
-            stacked = torch.stack([update[name] for _, update, _ in replies])
-            self.leaves[name].grad = torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
-        for optimizer in self.optimizers:
-            optimizer.step()
-        self.params = {n: p.detach().clone() for n, p in self.leaves.items()}
-        return BareRound(client_seconds, time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- interleaving
@@ -223,11 +141,11 @@ def timed_client_app() -> ClientApp:
 class Interleaving:
     """What the wrapped grid saw: bare rounds and Flower's send-and-receive times by round."""
 
-    bare: BareLoop
+    bare: BareFederation
     launched: float
     nice: int = RAY_WORKER_NICENESS
     first_round_at: float | None = None
-    bare_rounds: dict[int, BareRound] = field(default_factory=dict)
+    bare_rounds: dict[int, BareTiming] = field(default_factory=dict)
     bare_seconds: dict[int, float] = field(default_factory=dict)
     exchange_seconds: dict[int, float] = field(default_factory=dict)
     clientapp_seconds: dict[int, list[float]] = field(default_factory=dict)
@@ -244,7 +162,8 @@ class Interleaving:
 
             self._runner = ThreadPoolExecutor(1, initializer=renice)
         start = time.perf_counter()
-        self.bare_rounds[server_round] = self._runner.submit(self.bare.round, server_round).result()
+        done = self._runner.submit(self.bare.round, server_round).result()
+        self.bare_rounds[server_round] = BareTiming(done.client_seconds, done.server_seconds)
         self.bare_seconds[server_round] = time.perf_counter() - start
 
     def close(self) -> None:
@@ -350,7 +269,7 @@ def run_phase(
     original_run = server_app_module.run_federation
     original_app = client_app_module.app
     launched = time.perf_counter()
-    bare = BareLoop(cfg)
+    bare = BareFederation(cfg)
     bare_startup = time.perf_counter() - launched
     log = Interleaving(bare=bare, launched=time.perf_counter())
 

@@ -8,19 +8,26 @@ schema by :func:`settings_from_flat`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STRATEGIES = ("metagater", "metagater_fo", "fedmeta", "fedavg", "perfedavg")
-GATED_STRATEGIES = ("metagater", "metagater_fo")
-DATASETS = ("digits", "fashion_mnist", "mnist", "omniglot", "npz")
-OBJECTIVES = ("accuracy", "budgeted_accuracy")
+from conf.choices import (
+    TRAITS,
+    AdaptOrder,
+    DatasetName,
+    Objective,
+    RegularizerWhere,
+    ServerOptimizer,
+    StrategyName,
+    TrainGates,
+)
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "digits"
+    name: DatasetName = DatasetName.digits
     path: str | None = None  # folder or file; None uses the dataset's default location
     image_size: int | None = None  # resize target for image folders (omniglot); None = default
 
@@ -59,9 +66,9 @@ class GatingConfig:
     enabled: bool = True  # strategies without gates (fedmeta, fedavg, perfedavg) switch it off
     target_ratio: float = 0.5  # rho: the MAC ratio the regularizer aims for
     warmup_rounds: int = 20  # lambda rises linearly to its value over these rounds
-    where: str = "both"  # inner | outer | both: where the regularizer enters the loss
+    where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
-    train_gates: str = "hard"  # hard (straight-through) | soft (relaxed)
+    train_gates: TrainGates = TrainGates.hard
 
 
 GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)
@@ -69,7 +76,7 @@ GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)
 
 @dataclass
 class AdaptConfig:
-    order: str = "backbone_first"  # backbone_first | gate_first
+    order: AdaptOrder = AdaptOrder.backbone_first
     backbone_lr: float = 0.4
     gate_lr: float = 0.4
     inner_steps: int = 1
@@ -78,7 +85,7 @@ class AdaptConfig:
 @dataclass
 class MetaOptConfig:
     first_order: bool = False
-    optimizer: str = "adam"  # adam | sgd (server optimizers, one per group)
+    optimizer: ServerOptimizer = ServerOptimizer.adam  # one per parameter group
     backbone_lr: float = 1e-3
     gate_lr: float = 1e-3
 
@@ -94,7 +101,7 @@ class LocalConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "metagater"
+    name: StrategyName = StrategyName.metagater
 
 
 @dataclass
@@ -143,7 +150,7 @@ class RunConfig:
 class SweepConfig:
     """What ``simulate.py`` returns to a sweeper (Optuna maximizes it); see simulate.objective."""
 
-    objective: str = "accuracy"  # accuracy | budgeted_accuracy
+    objective: Objective = Objective.accuracy
     penalty: float = 1.0  # budgeted_accuracy = accuracy - penalty * max(0, flops_ratio - rho)
 
 
@@ -159,47 +166,37 @@ class SimulateConfig(RunConfig):
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Checks types cannot express: choices and ranges. Raises ValueError naming the key."""
+    """Checks types cannot express: ranges and what settings imply for each other. Choices are
+    enums (conf.choices), checked when the config is read. Raises ValueError naming the key."""
+    traits = TRAITS[StrategyName(cfg.strategy.name)]
+    fed = cfg.federation
     checks = [
-        ("strategy.name", cfg.strategy.name in STRATEGIES, f"one of {STRATEGIES}"),
-        ("dataset.name", cfg.dataset.name in DATASETS, f"one of {DATASETS}"),
         (
             "gating.enabled",
-            cfg.gating.enabled == (cfg.strategy.name in GATED_STRATEGIES),
-            f"true exactly for the gated strategies {GATED_STRATEGIES}",
+            cfg.gating.enabled == traits.gated,
+            f"{str(traits.gated).lower()} for strategy {cfg.strategy.name}",
         ),
         (
             "meta.first_order",
-            cfg.meta.first_order or cfg.strategy.name != "metagater_fo",
-            "true for metagater_fo (that is what the name means)",
+            traits.first_order is None or cfg.meta.first_order == traits.first_order,
+            f"{str(traits.first_order).lower()} for strategy {cfg.strategy.name}",
         ),
-        (
-            "adapt.order",
-            cfg.adapt.order in ("backbone_first", "gate_first"),
-            "backbone_first or gate_first",
-        ),
-        ("gating.where", cfg.gating.where in ("inner", "outer", "both"), "inner, outer or both"),
-        ("gating.train_gates", cfg.gating.train_gates in ("hard", "soft"), "hard or soft"),
-        ("meta.optimizer", cfg.meta.optimizer in ("adam", "sgd"), "adam or sgd"),
         ("task.ways", cfg.task.ways >= 2, ">= 2"),
         ("task.shots", cfg.task.shots >= 1, ">= 1"),
         ("task.queries", cfg.task.queries >= 1, ">= 1"),
-        ("federation.train_nodes", cfg.federation.train_nodes >= 1, ">= 1"),
-        ("federation.target_nodes", cfg.federation.target_nodes >= 1, ">= 1"),
+        ("federation.train_nodes", fed.train_nodes >= 1, ">= 1"),
+        ("federation.target_nodes", fed.target_nodes >= 1, ">= 1"),
         (
             "federation.clients_per_round",
-            1 <= cfg.federation.clients_per_round <= cfg.federation.train_nodes,
+            1 <= fed.clients_per_round <= fed.train_nodes,
             "between 1 and federation.train_nodes",
         ),
-        ("federation.rounds", cfg.federation.rounds >= 1, ">= 1"),
-        ("federation.eval_every", cfg.federation.eval_every >= 1, ">= 1"),
+        ("federation.rounds", fed.rounds >= 1, ">= 1"),
+        ("federation.eval_every", fed.eval_every >= 1, ">= 1"),
         ("gating.target_ratio", 0 < cfg.gating.target_ratio <= 1.5, "in (0, 1.5]"),
     ]
     if "sweep" in cfg:
-        checks += [
-            ("sweep.objective", cfg.sweep.objective in OBJECTIVES, f"one of {OBJECTIVES}"),
-            ("sweep.penalty", cfg.sweep.penalty >= 0, ">= 0"),
-        ]
+        checks.append(("sweep.penalty", cfg.sweep.penalty >= 0, ">= 0"))
     for key, ok, expected in checks:
         if not ok:
             raise ValueError(
@@ -246,9 +243,14 @@ def flat_keys() -> list[str]:
 
 
 def to_flat(cfg: DictConfig) -> dict[str, Any]:
-    """The inverse of :func:`settings_from_flat` (None becomes "", Flower configs have no null)."""
+    """The inverse of :func:`settings_from_flat` (None becomes "", Flower configs have no null;
+    enum members become their plain string values)."""
     out: dict[str, Any] = {}
     for key in flat_keys():
         value = OmegaConf.select(cfg, key)
-        out[key] = "" if value is None else value
+        if value is None:
+            value = ""
+        elif isinstance(value, Enum):
+            value = value.value
+        out[key] = value
     return out

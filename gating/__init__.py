@@ -1,41 +1,9 @@
-"""Conditional channel-gated CNN: backbone, gates and MAC accounting (plain PyTorch)."""
+"""MetaGater's algorithm in plain PyTorch; it knows nothing of Flower.
 
-from gating.macs import (
-    active_channel_ratios,
-    dense_macs,
-    expected_mac_ratio,
-    flops_ratio,
-    gate_macs,
-    gate_regularizer,
-    layer_costs,
-    realized_macs,
-)
-from gating.network import (
-    BACKBONE,
-    GATE,
-    GatedConvNet,
-    GatedOutput,
-    GateMode,
-    LayerTrace,
-    ModelSpec,
-    parameter_groups,
-)
-
-__all__ = [
-    "BACKBONE",
-    "GATE",
-    "GateMode",
-    "GatedConvNet",
-    "GatedOutput",
-    "LayerTrace",
-    "ModelSpec",
-    "active_channel_ratios",
-    "dense_macs",
-    "expected_mac_ratio",
-    "flops_ratio",
-    "gate_macs",
-    "gate_regularizer",
-    "layer_costs",
-    "parameter_groups",
-    "realized_macs",
-]
+- ``gating.model``: the gated network (shape, gates, norm, Conv-N) and its MAC accounting
+- ``gating.meta``: two-stage ``Adapt``, meta-gradients, the dense baselines' local updates
+- ``gating.data``: datasets and the federated split into per-node tasks
+- ``gating.federated``: one federation round (a client's update per strategy, the server step),
+  the config-to-objects builders and the message keys client and server share
+- ``gating.deploy``: sliced inference of an adapted model; ``gating.export`` writes one
+"""

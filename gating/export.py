@@ -2,11 +2,11 @@
 
     python -m gating.export RUN_DIR --partition P --out model.pt
 
-It rebuilds partition P's task exactly as the ClientApp does (``client.node.node_task`` with the
+It rebuilds partition P's task exactly as the ClientApp does (``gating.federated.nodes`` with the
 run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
 ``Adapt`` on the node's fixed support episode with the same lambda and gate-noise seed as the
 run's evaluation at the checkpoint's round, and writes the adapted network as a
-:class:`gating.sliced.SlicedGatedNet` file: the deployment form that runs only the open channels.
+:class:`gating.deploy.SlicedGatedNet` file: the deployment form that runs only the open channels.
 
 It prints the exported model's accuracy on the node's query set next to the masked dense
 network's, both one input at a time (they must agree: same function, other arithmetic). The
@@ -29,10 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.func import functional_call
 
-from client.meta import Batch, adapt
-from client.node import meta_config, model_for, model_spec, node_task, seed_torch
-from gating.network import GateMode
-from gating.sliced import BACKENDS, SlicedGatedNet
+from gating.deploy import BACKENDS, SlicedGatedNet, save_model
+from gating.federated.nodes import node_task
+from gating.federated.settings import (
+    meta_config,
+    model_for,
+    model_spec,
+    regularizer_weight,
+    seed_torch,
+)
+from gating.meta import Batch, adapt
+from gating.model import GateMode
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
@@ -64,13 +71,6 @@ class Export:
             "query_accuracy": self.accuracy,
             "flops_ratio": self.flops_ratio,
         }
-
-
-def regularizer_weight(cfg: DictConfig, server_round: int) -> float:
-    """lambda of that round, as the server sent it (imported lazily: it lives with Flower)."""
-    from server.federation import regularizer_weight as server_weight
-
-    return server_weight(cfg, server_round)
 
 
 def adapt_node(
@@ -165,7 +165,7 @@ def export_run(
         partition = int(cfg.federation.train_nodes)
     result = adapt_node(cfg, params, partition, server_round, backend=backend)
     if out is not None:
-        result.model.save(out, run_dir=str(Path(run_dir).resolve()), **result.metadata())
+        save_model(result.model, out, run_dir=str(Path(run_dir).resolve()), **result.metadata())
     return result
 
 

@@ -10,7 +10,9 @@ import argparse
 
 import torch
 
-from gating.macs import (
+from gating.data import load_dataset
+from gating.model import GatedConvNet, GateMode, LayerTrace, ModelSpec
+from gating.model.macs import (
     active_counts,
     dense_macs,
     gate_macs,
@@ -18,7 +20,6 @@ from gating.macs import (
     macs_per_layer,
     realized_macs,
 )
-from gating.network import GatedConvNet, GateMode, LayerTrace, ModelSpec
 
 
 def format_table(spec: ModelSpec, trace: list[LayerTrace] | None = None) -> str:
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> None:
 
     images = None
     if args.dataset:
-        from client.data import load_dataset
-
         data = load_dataset(args.dataset, args.path)
         generator = torch.Generator().manual_seed(args.seed)
         pick = torch.randperm(len(data.images), generator=generator)[: args.batch]

@@ -12,19 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
-from client.node import spec_for
-from client.protocol import CONFIG, METRICS, NODE, REG_WEIGHT_KEY, ROUND_KEY, encode_config
 from conf.schema import to_flat
-from gating import GatedConvNet, ModelSpec, dense_macs
+from gating.federated.protocol import (
+    CONFIG,
+    METRICS,
+    NODE,
+    PARTITION_KEY,
+    REG_WEIGHT_KEY,
+    ROUND_KEY,
+    encode_config,
+)
+from gating.federated.round import server_step_for
+from gating.federated.settings import initial_parameters, regularizer_weight, spec_for
+from gating.model import dense_macs
 from server.checkpoint import CHECKPOINT_NAME, check_resumable, load_checkpoint, save_checkpoint
 from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
-from server.strategy import STRATEGY_CLASSES
+from server.strategy import MetaLearningStrategy
 
 
 class FederationError(RuntimeError):
@@ -39,15 +47,6 @@ class Roster:
     target: dict[int, int]
     channels: int
     image_size: int
-
-
-def regularizer_weight(cfg: DictConfig, server_round: int) -> float:
-    """lambda, warmed up linearly over ``gating.warmup_rounds`` (gates first learn the task)."""
-    if not cfg.gating.enabled:
-        return 0.0
-    warmup = max(cfg.gating.warmup_rounds, 0)
-    scale = 1.0 if warmup == 0 else min(1.0, server_round / warmup)
-    return float(cfg.gating["lambda"]) * scale
 
 
 def discover(grid: Grid, cfg: DictConfig) -> Roster:
@@ -68,7 +67,7 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
             )
             break
         time.sleep(0.5)
-    config = encode_config(cfg, **{ROUND_KEY: 0, REG_WEIGHT_KEY: 0.0})
+    config = ConfigRecord(encode_config(cfg, **{ROUND_KEY: 0, REG_WEIGHT_KEY: 0.0}))
     messages = [
         Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in node_ids
@@ -86,7 +85,7 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
             )
             continue
         info, metrics = reply.content[NODE], reply.content[METRICS]
-        role, partition = str(info["role"]), int(info["partition-id"])
+        role, partition = str(info["role"]), int(info[PARTITION_KEY])
         members = roster.train if role == "train" else roster.target
         if partition in members:
             raise FederationError(f"two nodes claim {role} partition {partition}")
@@ -114,13 +113,6 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         roster.image_size,
     )
     return roster
-
-
-def initial_parameters(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = GatedConvNet(spec)
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -153,15 +145,12 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     roster = discover(grid, cfg)
     spec = spec_for(cfg, roster.channels, roster.image_size)
     fed = cfg.federation
-    strategy = STRATEGY_CLASSES[cfg.strategy.name](
-        initial_parameters(spec, cfg.seed),
+    strategy = MetaLearningStrategy(
+        server_step_for(cfg, initial_parameters(spec, cfg.seed)),
         roster.train,
         roster.target,
         clients_per_round=fed.clients_per_round,
         min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
-        optimizer=cfg.meta.optimizer,
-        backbone_lr=cfg.meta.backbone_lr,
-        gate_lr=cfg.meta.gate_lr,
         eval_nodes=fed.eval_nodes,
         seed=cfg.seed,
     )
@@ -182,7 +171,9 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
 
     def round_config(server_round: int):
         weight = regularizer_weight(cfg, server_round)
-        return encode_config(flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
+        return ConfigRecord(
+            encode_config(flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
+        )
 
     arrays, state = strategy.arrays(), saved
     for server_round in range(first_round, fed.rounds + 1):
@@ -234,8 +225,8 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         raise FederationError("the final evaluation got no result from any target node")
     write_json(out_dir / TASK_ACCURACY_FILE, final_eval["task_accuracy"])
     summary = {
-        "strategy": cfg.strategy.name,
-        "dataset": cfg.dataset.name,
+        "strategy": str(cfg.strategy.name),
+        "dataset": str(cfg.dataset.name),
         "rounds": fed.rounds,
         **{k: final_eval[k] for k in SUMMARY_KEYS if k in final_eval},
         "dense_macs": dense_macs(spec),

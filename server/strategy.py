@@ -1,17 +1,15 @@
-"""Strategies: average the clients' update directions, step separate server optimizers.
+"""The strategy: one Flower ``Strategy`` for every federated algorithm of the project.
 
-Every strategy here is a real Flower ``Strategy``. They share one mechanism (sample training
-nodes, validate and average replies weighted by examples, one server optimizer per parameter
-group, evaluate fast adaptation at target nodes) and differ in what the clients send, which the
-clients read from the run configuration, and in which groups are learned. The round loop in
-``server.federation`` drives them (it adds discovery, checkpoints and results, which
-``Strategy.start`` has no place for).
+What differs between MetaGater, FedMeta, FedAvg and Per-FedAvg is what their clients compute
+(``gating.federated.updates``) and which parameter groups the server learns; the server's half
+of a round is the same (``gating.federated.server_step``). This class only turns that into
+messages: it samples nodes, checks replies (``server.validation``), and evaluates fast
+adaptation at target nodes. The round loop in ``server.federation`` drives it (it adds
+discovery, checkpoints and results, which ``Strategy.start`` has no place for).
 """
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
@@ -23,87 +21,71 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from client.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, UPDATE
-from gating import BACKBONE, GATE
+from gating.federated.evaluation import scalar_figures, summarize
+from gating.federated.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_KEY,
+    TRAIN_METRICS,
+    UPDATE,
+)
+from gating.federated.round import NodeSampler
+from gating.federated.server_step import ServerStep
 from server.validation import RoundFailed, update_problem
 
-GROUPS = (BACKBONE, GATE)
 
+class MetaLearningStrategy(Strategy):
+    """Sample training nodes, average their checked updates into a :class:`ServerStep`, and
+    evaluate one ``Adapt`` at target nodes.
 
-def make_optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"unknown server optimizer {kind!r} (adam or sgd)")
-
-
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95% confidence interval."""
-    array = np.asarray(values, dtype=float)
-    if len(array) < 2:
-        return float(array.mean()), float("nan")
-    return float(array.mean()), float(1.96 * array.std(ddof=1) / math.sqrt(len(array)))
-
-
-class ServerOptimizerStrategy(Strategy):
-    """Separate server optimizers for backbone and gate, state kept across rounds.
-
-    ``train_nodes``/``target_nodes`` map partition ids to node ids; sampling is over sorted
-    partition ids with the strategy's own seeded ``random.Random``, so a resumed run (new node
-    ids) samples the same nodes as an uninterrupted one.
+    Parameters
+    ----------
+    server_step : ServerStep
+        The parameters, which of them are learned, and the server optimizers.
+    train_nodes, target_nodes : mapping of int to int
+        Partition id -> Flower node id, per role.
+    clients_per_round : int
+        Training nodes sampled per round.
+    min_train_replies : int
+        Usable replies a round needs; fewer fail it with :class:`RoundFailed`.
+    eval_nodes : int
+        Target nodes per intermediate evaluation; 0 for all (the final one asks all).
+    seed : int
+        Seeds the :class:`NodeSampler`.
     """
-
-    learns_gates = True
 
     def __init__(
         self,
-        params: Mapping[str, torch.Tensor],
+        server_step: ServerStep,
         train_nodes: Mapping[int, int],
         target_nodes: Mapping[int, int],
         *,
         clients_per_round: int,
         min_train_replies: int,
-        optimizer: str = "adam",
-        backbone_lr: float = 1e-3,
-        gate_lr: float = 1e-3,
         eval_nodes: int = 0,
         seed: int = 0,
     ) -> None:
-        self.params = {name: torch.nn.Parameter(t.detach().clone()) for name, t in params.items()}
+        self.server_step = server_step
         self.train_nodes = dict(train_nodes)
         self.target_nodes = dict(target_nodes)
         self.clients_per_round = clients_per_round
         self.min_train_replies = min_train_replies
         self.eval_nodes = eval_nodes
-        self.learned = [n for n in self.params if self.learns_gates or n.startswith(f"{BACKBONE}.")]
-        lrs = {BACKBONE: backbone_lr, GATE: gate_lr}
-        self.optimizers = {
-            group: make_optimizer(optimizer, members, lrs[group])
-            for group in GROUPS
-            if (members := [self.params[n] for n in self.learned if n.startswith(f"{group}.")])
-        }
-        self.rng = random.Random(seed)
+        self.sampler = NodeSampler(seed)
         self.last_evaluation: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ state
     def arrays(self) -> ArrayRecord:
-        return ArrayRecord.from_torch_state_dict({n: p.detach() for n, p in self.params.items()})
+        return ArrayRecord.from_torch_state_dict(self.server_step.params)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "params": {n: p.detach().clone() for n, p in self.params.items()},
-            "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
-            "rng": self.rng.getstate(),
-        }
+        return {**self.server_step.state_dict(), "rng": self.sampler.getstate()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                self.params[name].copy_(value)
-        for group, opt_state in state["optimizers"].items():
-            self.optimizers[group].load_state_dict(opt_state)
-        self.rng.setstate(state["rng"])
+        self.server_step.load_state_dict(state)
+        self.sampler.setstate(state["rng"])
 
     def summary(self) -> None:
         log(
@@ -114,10 +96,11 @@ class ServerOptimizerStrategy(Strategy):
             len(self.target_nodes),
             self.clients_per_round,
         )
+        optimizers = self.server_step.optimizers
         log(
             INFO,
             "\t└──> server optimizers: %s",
-            {g: type(o).__name__ for g, o in self.optimizers.items()},
+            {g: type(o).__name__ for g, o in optimizers.items()},
         )
 
     # ------------------------------------------------------------------ train
@@ -133,7 +116,7 @@ class ServerOptimizerStrategy(Strategy):
                 len(candidates),
                 self.clients_per_round,
             )
-        partitions = self.rng.sample(candidates, min(self.clients_per_round, len(candidates)))
+        partitions = self.sampler.train(candidates, self.clients_per_round)
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [
             Message(record, dst_node_id=self.train_nodes[p], message_type=MessageType.TRAIN)
@@ -150,7 +133,7 @@ class ServerOptimizerStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        expected = {n: tuple(self.params[n].shape) for n in self.learned}
+        expected = self.server_step.expected_shapes()
         valid: list[Message] = []
         for msg in replies:
             problem = update_problem(msg, expected)
@@ -170,25 +153,14 @@ class ServerOptimizerStrategy(Strategy):
                 f"{self.min_train_replies} needed (federation.min_train_replies)"
             )
         # A fixed order makes the floating-point sum, and so a resumed run, reproducible.
-        valid.sort(
-            key=lambda m: int(m.content[METRICS].get("partition-id", m.metadata.src_node_id))
-        )
-        weights = torch.tensor([float(m.content[METRICS][NUM_EXAMPLES]) for m in valid])
-        weights = weights / weights.sum()
+        valid.sort(key=lambda m: int(m.content[METRICS].get(PARTITION_KEY, m.metadata.src_node_id)))
+        examples = [float(m.content[METRICS][NUM_EXAMPLES]) for m in valid]
+        updates = [
+            {n: torch.from_numpy(m.content[UPDATE][n].numpy()) for n in expected} for m in valid
+        ]
+        self.server_step.apply(updates, examples)
 
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        for name in self.learned:
-            stacked = torch.stack(
-                [
-                    torch.from_numpy(m.content[UPDATE][name].numpy()).to(self.params[name].dtype)
-                    for m in valid
-                ]
-            )
-            self.params[name].grad = torch.tensordot(weights.to(stacked.dtype), stacked, dims=1)
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-
+        weights = np.asarray(examples) / sum(examples)
         metrics = MetricRecord(
             {
                 "replies": len(valid),
@@ -198,10 +170,10 @@ class ServerOptimizerStrategy(Strategy):
                 "bytes-up": float(np.mean([m.content[UPDATE].count_bytes() for m in valid])),
             }
         )
-        for key in ("query-loss", "query-accuracy", "flops-ratio"):
+        for key in TRAIN_METRICS:
             values = [float(m.content[METRICS][key]) for m in valid if key in m.content[METRICS]]
             if len(values) == len(valid):
-                metrics[key] = float(np.dot(weights.numpy(), values))
+                metrics[key] = float(np.dot(weights, values))
         return self.arrays(), metrics
 
     # --------------------------------------------------------------- evaluate
@@ -214,8 +186,8 @@ class ServerOptimizerStrategy(Strategy):
         everyone: bool = True,
     ) -> Iterable[Message]:
         partitions = self._online(self.target_nodes, grid)
-        if not everyone and 0 < self.eval_nodes < len(partitions):
-            partitions = sorted(self.rng.sample(partitions, self.eval_nodes))
+        if not everyone:
+            partitions = self.sampler.evaluate(partitions, self.eval_nodes)
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [
             Message(record, dst_node_id=self.target_nodes[p], message_type=MessageType.EVALUATE)
@@ -226,7 +198,7 @@ class ServerOptimizerStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         partition_of = {node: p for p, node in self.target_nodes.items()}
-        results, task_accuracy = [], {}
+        reports: dict[int, dict[str, Any]] = {}
         for msg in replies:
             if msg.has_error():
                 log(
@@ -237,63 +209,9 @@ class ServerOptimizerStrategy(Strategy):
                     msg.error.reason,
                 )
             elif METRICS in msg.content.metric_records:
-                results.append(msg.content[METRICS])
-                partition = partition_of[msg.metadata.src_node_id]
-                task_accuracy[str(partition)] = float(results[-1]["accuracy"])
-        if not results:
+                reports[partition_of[msg.metadata.src_node_id]] = dict(msg.content[METRICS])
+        if not reports:
             log(WARNING, "round %d: no target node reported", server_round)
             return None
-        accuracy, ci95 = mean_ci95([float(r["accuracy"]) for r in results])
-        layer_active = np.mean([list(r["layer-active"]) for r in results], axis=0)
-        aggregated = {
-            "accuracy": accuracy,
-            "accuracy_ci95": ci95,
-            "accuracy_before": float(np.mean([r["accuracy-before"] for r in results])),
-            "flops_ratio": float(np.mean([r["flops-ratio"] for r in results])),
-            "macs": float(np.mean([r["macs"] for r in results])),
-            "dense_macs": float(results[0]["dense-macs"]),
-            "nearest_centroid_accuracy": float(
-                np.mean([r["nearest-centroid-accuracy"] for r in results])
-            ),
-            "target_tasks": len(results),
-        }
-        self.last_evaluation = {
-            **aggregated,
-            "layer_active": [float(v) for v in layer_active],
-            "task_accuracy": dict(sorted(task_accuracy.items(), key=lambda kv: int(kv[0]))),
-        }
-        return MetricRecord({k: v for k, v in aggregated.items() if not math.isnan(v)})
-
-
-class MetaGater(ServerOptimizerStrategy):
-    """Clients send meta-gradients of backbone and gates through the two-stage adaptation
-    (second order, or first order for ``metagater_fo``)."""
-
-
-class FedMeta(ServerOptimizerStrategy):
-    """Federated MAML of the dense backbone: MetaGater with gating off."""
-
-    learns_gates = False
-
-
-class FedAvg(ServerOptimizerStrategy):
-    """FedAvg of the dense backbone: clients send ``theta - theta_local`` after local SGD; server
-    SGD with learning rate 1 on its weighted average is exactly the weighted model average."""
-
-    learns_gates = False
-
-
-class PerFedAvg(ServerOptimizerStrategy):
-    """Per-FedAvg (first-order or Hessian-free): clients send ``theta - theta_local`` after local
-    Per-FedAvg steps; the server averages as FedAvg does."""
-
-    learns_gates = False
-
-
-STRATEGY_CLASSES: dict[str, type[ServerOptimizerStrategy]] = {
-    "metagater": MetaGater,
-    "metagater_fo": MetaGater,
-    "fedmeta": FedMeta,
-    "fedavg": FedAvg,
-    "perfedavg": PerFedAvg,
-}
+        self.last_evaluation = summarize(reports)
+        return MetricRecord(scalar_figures(self.last_evaluation))

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Message
 
-from client.protocol import METRICS, NUM_EXAMPLES, UPDATE
+from gating.federated.protocol import METRICS, NUM_EXAMPLES, UPDATE
 
 
 class RoundFailed(RuntimeError):

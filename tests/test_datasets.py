@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from client.data import (
+from gating.data import (
     DATASET_NAMES,
     FASHION_MNIST_DIR,
     DatasetError,

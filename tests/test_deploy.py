@@ -4,7 +4,8 @@ registration and runs, on 127.0.0.1 with free ports.
 
 Every process a test starts (SuperLink, SuperNodes, the run script) is stopped by the test by PID,
 together with everything it spawned (SuperExec, ServerApp and ClientApp processes), also when the
-test fails. The first tests check the site-data path of ``client.node`` without any process.
+test fails. The first tests check the site-data path of ``gating.federated.nodes`` without any
+process.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import httpx
 import numpy as np
 import pytest
 
-from client.data import DatasetError, load_dataset
-from client.node import data_site_id, node_task, site_format
 from conf.schema import default_config, settings_from_flat
+from gating.data import DatasetError, load_dataset
+from gating.federated.nodes import data_site_id, node_task, site_format
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

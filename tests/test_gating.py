@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from client.data import load_dataset
-from gating import (
+from gating.data import load_dataset
+from gating.mac_table import format_table
+from gating.model import (
     GatedConvNet,
     GateMode,
     ModelSpec,
@@ -21,7 +22,6 @@ from gating import (
     parameter_groups,
     realized_macs,
 )
-from gating.mac_table import format_table
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from client.data import load_dataset
-from client.local import fedavg_update, perfedavg_update
-from client.meta import Batch, MetaConfig
-from gating import GatedConvNet, ModelSpec
+from gating.data import load_dataset
+from gating.meta import Batch, MetaConfig, fedavg_update, perfedavg_update
+from gating.model import GatedConvNet, ModelSpec
 
 CFG = MetaConfig(gating=False)
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from client.data import load_dataset
-from client.meta import Batch, MetaConfig, adapt, evaluate_adaptation, meta_gradients, task_loss
-from gating import GatedConvNet, ModelSpec, gate_regularizer, parameter_groups
+from gating.data import load_dataset
+from gating.meta import Batch, MetaConfig, adapt, evaluate_adaptation, meta_gradients, task_loss
+from gating.model import GatedConvNet, ModelSpec, gate_regularizer, parameter_groups
 from tests.support import assert_matches_central_differences
 
 WAYS = 3
@@ -73,7 +73,7 @@ def test_second_order_meta_gradient_matches_finite_differences(task, order):
 
 
 def hand_unrolled(model, params, support, query, cfg: MetaConfig, first_order: bool):
-    """The two-stage update written out explicitly, independent of ``client.meta.adapt``."""
+    """The two-stage update written out explicitly, independent of ``gating.meta.adapt``."""
     names_b = [n for n in params if n.startswith("backbone.")]
     names_g = [n for n in params if n.startswith("gate.")]
     theta = {n: params[n].clone().requires_grad_(True) for n in names_b}

@@ -1,4 +1,4 @@
-"""The vmapped meta-gradients (client.meta_batched) compute what the per-task loop computes."""
+"""The vmapped meta-gradients (gating.meta.batched) compute what the per-task loop computes."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from client import meta_batched
-from client.data import load_dataset
-from client.meta import Batch, MetaConfig, adapt, meta_gradients, task_loss
-from client.meta_batched import meta_gradients_batched
-from gating import GatedConvNet, ModelSpec, parameter_groups
+from gating.data import load_dataset
+from gating.meta import Batch, MetaConfig, adapt, meta_gradients, meta_gradients_batched, task_loss
+from gating.meta import batched as meta_batched
+from gating.model import GatedConvNet, ModelSpec, parameter_groups
 from tests.support import assert_matches_central_differences
 
 WAYS = 3
@@ -78,7 +77,7 @@ CASES = {
 
 
 def loop_adapt_is_the_spec(episodes: list[tuple[Batch, Batch]]) -> bool:
-    """Whether ``client.meta.adapt`` gives the same adapted parameters with and without
+    """Whether ``gating.meta.adapt`` gives the same adapted parameters with and without
     ``create_graph``. Without the graph every stage's gradient is the partial one the spec
     writes (phi' = phi - gamma * grad_phi L(theta', phi; S) at fixed theta'); with it, a stage
     that follows another can also differentiate through the earlier stage (theta' depends on

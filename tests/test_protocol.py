@@ -6,9 +6,9 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ReadonlyConfigError
 
-from client import protocol
-from client.protocol import REG_WEIGHT_KEY, ROUND_KEY, decode_config, encode_config
 from conf.schema import default_config, settings_from_flat, to_flat
+from gating.federated import protocol
+from gating.federated.protocol import REG_WEIGHT_KEY, ROUND_KEY, decode_config, encode_config
 
 
 def changed_config():

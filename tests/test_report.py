@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 
 from analysis.report import report
 from conf.schema import default_config
@@ -132,7 +133,7 @@ def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
     seed0 = [-0.1, 0.0, -0.1]
     assert float(gated["paired_delta"]) == pytest.approx(np.mean(seed0))
     assert float(gated["paired_delta_ci95"]) == pytest.approx(
-        1.96 * np.std(seed0, ddof=1) / np.sqrt(3)
+        stats.t.ppf(0.975, 2) * np.std(seed0, ddof=1) / np.sqrt(3)
     )
     assert float(gated["paired_tasks"]) == 3
     both = rows["metagater ρ=0.5"]

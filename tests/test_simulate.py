@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from conf.schema import settings_from_flat, to_flat
+from gating.federated.round import BareFederation
 from tests.support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +94,17 @@ def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
     assert summary["accuracy"] > summary["accuracy_before"] + 0.1
     assert 0 < summary["flops_ratio"] <= 1.05
     assert "[round 12/12]" in result.stdout + result.stderr  # progress is shown
+    # The Flower run did exactly the rounds of gating.federated.round, which the benchmarks use.
+    cfg = settings_from_flat(to_flat(OmegaConf.load(run / "config.yaml")))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray actor: the same float arithmetic
+    try:
+        bare = BareFederation(cfg).train(12)
+    finally:
+        torch.set_num_threads(threads)
+    final = torch.load(run / "checkpoint.pt", weights_only=False)["strategy"]["params"]
+    for name, value in bare.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=0)
     # A finished run is never overwritten by accident.
     again = simulate(tmp_path, run, *TINY, "federation.rounds=12")
     assert again.returncode != 0 and "resume=true" in again.stderr + again.stdout

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import gating.sliced as sliced_module
-from client.meta import Batch, meta_gradients
-from client.node import meta_config, model_spec, node_task
+import gating.deploy.sliced as sliced_module
 from conf.schema import default_config
-from gating import GatedConvNet, GateMode, ModelSpec, dense_macs, realized_macs
-from gating.export import adapt_node, export_run, main, regularizer_weight
-from gating.sliced import SlicedGatedNet, native_available
+from gating.deploy import SlicedGatedNet, load_model, native_available, save_model
+from gating.export import adapt_node, export_run, main
+from gating.federated.nodes import node_task
+from gating.federated.round import BareFederation
+from gating.model import GatedConvNet, GateMode, ModelSpec, dense_macs, realized_macs
 
 NATIVE, WHY = native_available()
 BACKENDS = [
@@ -127,7 +125,7 @@ def test_backends_agree_and_stage_times():
 
 
 def test_falls_back_to_torch_without_a_compiler(monkeypatch):
-    monkeypatch.setattr(sliced_module, "_native_library", lambda: (None, "no compiler here"))
+    monkeypatch.setattr(sliced_module, "native_library", lambda: (None, "no compiler here"))
     spec = SPECS["digits-8"]
     params = params_of(random_gated(spec, 0))
     with pytest.warns(RuntimeWarning, match="no compiler here"):
@@ -155,8 +153,8 @@ def test_save_load_round_trip(tmp_path, backend):
     spec = SPECS["rgb-odd-21"]
     sliced = SlicedGatedNet(spec, params_of(random_gated(spec, 1)), backend=backend)
     path = tmp_path / "model.pt"
-    sliced.save(path, partition=3, classes=[4, 1, 0, 2])
-    loaded = SlicedGatedNet.load(path, backend=backend)
+    save_model(sliced, path, partition=3, classes=[4, 1, 0, 2])
+    loaded = load_model(path, backend=backend)
     assert loaded.spec == spec and loaded.metadata == {"partition": 3, "classes": [4, 1, 0, 2]}
     for _ in range(4):
         x = torch.randn(1, 3, 21, 21)
@@ -166,7 +164,7 @@ def test_save_load_round_trip(tmp_path, backend):
         assert [o.tolist() for o in opened_a] == [o.tolist() for o in opened_b]
     torch.save({"something": "else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an exported sliced model"):
-        SlicedGatedNet.load(tmp_path / "other.pt")
+        load_model(tmp_path / "other.pt")
 
 
 # --------------------------------------------------------------------------- a real adapted model
@@ -181,6 +179,7 @@ def digits_config():
     cfg.gating.target_ratio = 0.4
     cfg.meta.first_order = True
     cfg.strategy.name = "metagater_fo"
+    cfg.meta.backbone_lr = cfg.meta.gate_lr = 0.03
     return cfg
 
 
@@ -189,29 +188,8 @@ def trained_run() -> tuple[object, dict[str, torch.Tensor], int]:
     """A few first-order meta-steps on digits with fast gate learning: gates that really close
     channels, input-dependently, as after federated meta-training."""
     cfg = digits_config()
-    n = cfg.federation.train_nodes + cfg.federation.target_nodes
-    tasks = [node_task(cfg, {"partition-id": p, "num-partitions": n}) for p in range(4)]
-    spec = model_spec(cfg, tasks[0])
-    torch.manual_seed(0)
-    model = GatedConvNet(spec)
-    params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in model.named_parameters()}
-    opt = torch.optim.Adam(params.values(), lr=0.03)
-    rng = random.Random(0)
     rounds = 12
-    for step in range(1, rounds + 1):
-        meta_cfg = meta_config(cfg, regularizer_weight(cfg, step))
-        current = {k: v.detach() for k, v in params.items()}
-        grads = []
-        for p in rng.sample(range(4), 2):
-            episode = tasks[p].episode(np.random.default_rng([0, p, step]))
-            support = Batch(episode.support_x, episode.support_y)
-            query = Batch(episode.query_x, episode.query_y)
-            grads.append(meta_gradients(model, current, support, query, meta_cfg).grads)
-        opt.zero_grad()
-        for k, v in params.items():
-            v.grad = (grads[0][k] + grads[1][k]) / 2
-        opt.step()
-    return cfg, {k: v.detach() for k, v in params.items()}, rounds
+    return cfg, BareFederation(cfg).train(rounds), rounds
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -242,7 +220,7 @@ def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
     torch.save({"round": rounds, "strategy": {"params": params}}, run / "checkpoint.pt")
     out = tmp_path / "node5.pt"
     result = export_run(run, 5, out)
-    loaded = SlicedGatedNet.load(out)
+    loaded = load_model(out)
     assert loaded.metadata["partition"] == 5 and loaded.metadata["server_round"] == rounds
     assert loaded.metadata["query_accuracy"] == result.accuracy
     assert loaded.metadata["classes"] == result.classes

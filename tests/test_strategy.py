@@ -1,4 +1,4 @@
-"""The MetaGater strategy on hand-made replies: weighted average, Adam per group, rejections."""
+"""The strategy on hand-made replies: weighted average, Adam per group, rejections."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from scipy import stats
 
-from client.protocol import METRICS, NUM_EXAMPLES, UPDATE
-from server.strategy import FedMeta, MetaGater, mean_ci95
+from gating.federated.protocol import METRICS, NUM_EXAMPLES, UPDATE
+from gating.federated.server_step import ServerStep
+from gating.stats import mean_ci95
+from server.strategy import MetaLearningStrategy
 from server.validation import RoundFailed
 
 PARAMS = {
@@ -32,20 +35,16 @@ def task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def make_strategy(cls=MetaGater, **overrides) -> MetaGater:
-    options = dict(
-        clients_per_round=3,
-        min_train_replies=2,
-        optimizer="adam",
-        backbone_lr=0.01,
-        gate_lr=0.1,
-        seed=0,
-    )
+def make_strategy(
+    learned=("backbone", "gate"), optimizer="adam", backbone_lr=0.01, gate_lr=0.1, **overrides
+) -> MetaLearningStrategy:
+    options = dict(clients_per_round=3, min_train_replies=2, seed=0)
     options.update(overrides)
-    return cls(PARAMS, TRAIN, TARGET, **options)
+    step = ServerStep(PARAMS, learned, optimizer, {"backbone": backbone_lr, "gate": gate_lr})
+    return MetaLearningStrategy(step, TRAIN, TARGET, **options)
 
 
-def sent(strategy: MetaGater, server_round: int = 1) -> list[Message]:
+def sent(strategy: MetaLearningStrategy, server_round: int = 1) -> list[Message]:
     return list(
         strategy.configure_train(server_round, strategy.arrays(), ConfigRecord({}), grid=None)
     )
@@ -162,16 +161,16 @@ def test_each_kind_of_malformed_reply_is_rejected(breakage):
 
 def test_too_few_replies_fail_the_round_and_leave_parameters_untouched():
     strategy = make_strategy(min_train_replies=2)
-    before = {k: v.detach().clone() for k, v in strategy.params.items()}
+    before = {k: v.clone() for k, v in strategy.server_step.params.items()}
     first = sent(strategy)[0]
     with pytest.raises(RoundFailed, match="round 1: 1 usable replies"):
         strategy.aggregate_train(1, [reply(first, random_grads(0), 5, 1)])
     for name, value in before.items():
-        torch.testing.assert_close(strategy.params[name].detach(), value)
+        torch.testing.assert_close(strategy.server_step.params[name], value)
 
 
 def test_dense_strategy_expects_and_updates_only_the_backbone():
-    strategy = make_strategy(FedMeta, optimizer="sgd", backbone_lr=1.0)
+    strategy = make_strategy(("backbone",), optimizer="sgd", backbone_lr=1.0)
     messages = sent(strategy)
     backbone_only = {k: v for k, v in random_grads(4).items() if k.startswith("backbone.")}
     arrays, _ = strategy.aggregate_train(
@@ -186,8 +185,10 @@ def test_dense_strategy_expects_and_updates_only_the_backbone():
 
 
 def test_summary_names_the_strategy_and_its_optimizers(caplog):
-    make_strategy(FedMeta).summary()
-    assert "FedMeta: 3 training nodes, 2 target nodes, 3 clients per round" in caplog.text
+    make_strategy(("backbone",)).summary()
+    assert "MetaLearningStrategy: 3 training nodes, 2 target nodes, 3 clients per round" in (
+        caplog.text
+    )
     assert "{'backbone': 'Adam'}" in caplog.text
 
 
@@ -202,7 +203,7 @@ def test_sampling_is_seeded_by_partition_and_state_round_trips():
     assert len({tuple(p) for p in picks_a}) > 1  # it does sample, not always the same nodes
 
 
-def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_interval():
+def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
     strategy = make_strategy()
     messages = list(strategy.configure_evaluate(3, strategy.arrays(), ConfigRecord({}), grid=None))
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(TARGET.values())
@@ -234,7 +235,7 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_interval():
     metrics = strategy.aggregate_evaluate(3, replies)
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert metrics["accuracy_ci95"] == pytest.approx(
-        1.96 * np.std(accuracies, ddof=1) / math.sqrt(2)
+        stats.t.ppf(0.975, 1) * np.std(accuracies, ddof=1) / math.sqrt(2)
     )
     assert metrics["target_tasks"] == 2
     assert strategy.last_evaluation["layer_active"] == [1.0, 0.5]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import (
+from gating.data import (
     DatasetError,
     ImageDataset,
     NodeTask,
@@ -84,7 +84,7 @@ def test_split_does_not_depend_on_global_rng_or_process(digits: ImageDataset) ->
     code = (
         "import random, numpy as np, torch\n"
         "random.seed(1); np.random.seed(2); torch.manual_seed(3)\n"
-        "from client.data import TaskSpec, build_node_task, load_dataset\n"
+        "from gating.data import TaskSpec, build_node_task, load_dataset\n"
         "t = build_node_task(load_dataset('digits'), TaskSpec(), 11, 17, 20)\n"
         "print(list(t.classes), t.sample_ids.tolist())\n"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.data import load_dataset
+from gating.data import load_dataset
 
 
 def write_sites(out_dir: Path, train_sites: int, target_sites: int, seed: int = 0) -> list[Path]:

@@ -1,4 +1,4 @@
-"""What one node is: its task (from its partition or its own site data) and its model.
+"""What one node is: its task, from its partition of the run's dataset or its own site data.
 
 Everything here is cached per process and keyed by the values that determine it, because a
 Ray worker serves many simulated nodes (DESIGN.md section 6: key caches by partition-id).
@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from client.data import (
+from gating.data import (
     DatasetError,
     ImageDataset,
     NodeTask,
@@ -25,22 +24,7 @@ from client.data import (
     load_dataset,
     task_from_site_data,
 )
-from client.meta import MetaConfig
-from gating import GatedConvNet, ModelSpec
-
-
-def task_spec(cfg: DictConfig) -> TaskSpec:
-    holdout = cfg.task.holdout_classes
-    return TaskSpec(
-        ways=cfg.task.ways,
-        shots=cfg.task.shots,
-        queries=cfg.task.queries,
-        train_pool=cfg.task.train_pool,
-        target_nodes=cfg.federation.target_nodes,
-        holdout_samples=cfg.task.holdout_samples,
-        holdout_classes=holdout if holdout == "auto" else float(holdout),
-    )
-
+from gating.federated.settings import task_spec
 
 #: node-config keys of a real site (a SuperNode with its own data); see docs/deploy.md.
 DATA_PATH, ROLE, DATA_FORMAT, PARTITION_ID, NUM_PARTITIONS = (
@@ -175,51 +159,3 @@ def _cached_task(
 ) -> NodeTask:
     dataset = load_dataset(name, path, image_size)
     return build_node_task(dataset, spec, seed, partition_id, num_partitions)
-
-
-def model_spec(cfg: DictConfig, task: NodeTask) -> ModelSpec:
-    channels, height, width = task.images.shape[1:]
-    if height != width:
-        raise ValueError(f"images must be square, got {height}x{width}")
-    return spec_for(cfg, int(channels), int(height))
-
-
-def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
-    """The model every node and the server build for this run and this image shape."""
-    return ModelSpec(
-        in_channels=channels,
-        image_size=image_size,
-        num_classes=cfg.task.ways,
-        width=cfg.model.width,
-        depth=cfg.model.depth,
-        gate_hidden=cfg.model.gate_hidden,
-        gate_bias=cfg.model.gate_bias,
-    )
-
-
-@lru_cache(maxsize=16)
-def model_for(spec: ModelSpec) -> GatedConvNet:
-    """A module used only as a function of given parameters (its own weights are never read)."""
-    return GatedConvNet(spec)
-
-
-def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
-    return MetaConfig(
-        order=cfg.adapt.order,
-        backbone_lr=cfg.adapt.backbone_lr,
-        gate_lr=cfg.adapt.gate_lr,
-        inner_steps=cfg.adapt.inner_steps,
-        first_order=cfg.meta.first_order,
-        gating=cfg.gating.enabled,
-        target_ratio=cfg.gating.target_ratio,
-        reg_weight=reg_weight,
-        reg_where=cfg.gating.where,
-        temperature=cfg.gating.temperature,
-        train_gates=cfg.gating.train_gates,
-    )
-
-
-def seed_torch(*keys: int) -> None:
-    """Seed torch (gate noise) from (seed, partition, round, ...): any node's round is
-    reproducible on its own, which makes interrupted-and-resumed runs equal uninterrupted ones."""
-    torch.manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))

@@ -13,21 +13,11 @@ channel. The conv bias is a per-channel constant that the norm's mean subtractio
 is left out. ReLU and max-pooling commute (both monotone), so ReLU runs after the pool. The
 outputs equal the masked dense network's to float rounding (tests/test_sliced.py).
 
-Two backends compute the same thing:
-
-- ``native`` (default where a C compiler is found): the whole forward pass is one call into a
-  small C engine, compiled on first use with ``cc -O3 -march=native`` and cached. At batch size 1
-  every PyTorch op costs microseconds of dispatch and allocation, as much as a whole small conv
-  here, and a sliced pass needs about 20 of them per layer (gate MLP, index, gathers, conv, norm,
-  pool): in PyTorch it is *slower* than the dense network (see BENCHMARKS.md). The engine runs the
-  gate MLP, then a register-blocked vector conv straight from zero-padded planes (no im2col) that
-  reads ``weight[open_out][:, open_in]`` through the open indices (nothing is copied), then norm,
-  ReLU and pooling fused in one pass that writes the next layer's padded input. Its dense mode
-  (:meth:`SlicedGatedNet.forward_dense`) runs the same kernels over every channel: the fair dense
-  reference.
-- ``torch``: the same algorithm in PyTorch ops (``index_select`` of packed per-channel rows,
-  ``conv2d``, ``group_norm`` with one group per channel, strided max-pool); the fallback without a
-  compiler, and a second independent implementation for the tests.
+Two backends compute the same thing: ``native`` (default where it builds), the C++ engine of
+:mod:`gating.deploy.native`, and ``torch``, the same algorithm in PyTorch ops (``index_select``
+of packed per-channel rows, ``conv2d``, ``group_norm`` with one group per channel, strided
+max-pool): the fallback without a compiler, and a second independent implementation for the
+tests. :mod:`gating.deploy.model_file` writes and reads the deployment file.
 
 A ``SlicedGatedNet`` runs one input at a time and keeps its work buffers between calls; calls on
 one instance are serialized by a lock (use one instance per thread for parallel inference).
@@ -35,182 +25,22 @@ one instance are serialized by a lock (use one instance per thread for parallel 
 
 from __future__ import annotations
 
-import ctypes
-import dataclasses
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 import warnings
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gating.macs import dense_macs, gate_macs, layer_costs
-from gating.network import BatchStatNorm, GatedConvNet, ModelSpec
+from gating.deploy.native import NativeNet, native_library
+from gating.model import GatedConvNet, ModelSpec, dense_macs, gate_macs, layer_costs
+from gating.model.norm import EPS as NORM_EPS
 
-FORMAT = "metagater-sliced/1"
-NORM_EPS = BatchStatNorm(1).eps  # the network's norm epsilon (its parameters do not hold it)
 BACKENDS = ("auto", "native", "torch")
 
 Params = Mapping[str, Tensor]
-
-
-# --------------------------------------------------------------------------- native engine
-
-# The engine's C source ships next to this module (package data).
-_C_SOURCE = (Path(__file__).with_name("sliced_engine.c")).read_text()
-
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=gnu11", "-fPIC"]
-
-
-def _cache_dir() -> Path:
-    """``$METAGATER_CACHE``, else ``$XDG_CACHE_HOME/metagater``, else ``~/.cache/metagater``;
-    a temporary folder where that cannot be created (a read-only home)."""
-    if os.environ.get("METAGATER_CACHE"):
-        folder = Path(os.environ["METAGATER_CACHE"])
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        folder = Path(base) / "metagater"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.gettempdir()) / "metagater-cache"
-        folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _cpu_key() -> str:
-    """What ``-march=native`` depends on: a library built for one CPU may not run on another."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-@functools.cache
-def _native_library() -> tuple[ctypes.CDLL | None, str]:
-    """Compile (once per source, flags and CPU; cached on disk) and load the C engine.
-
-    Returns ``(library, "")``, or ``(None, reason)`` when there is no working compiler.
-    """
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None, "no C compiler (cc, gcc or $CC) found"
-    key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *_CFLAGS, _cpu_key()]).encode())
-    target = _cache_dir() / f"sliced-{key.hexdigest()[:16]}.so"
-    try:
-        if not target.exists():
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                source = Path(tmp) / "sliced.c"
-                source.write_text(_C_SOURCE)
-                built = Path(tmp) / target.name
-                cmd = [compiler, *_CFLAGS, "-shared", "-o", str(built), str(source), "-lm"]
-                result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    return None, f"compiling the C engine failed: {result.stderr.strip()[-500:]}"
-                os.replace(built, target)  # atomic: concurrent builders never see half a file
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        return None, f"building or loading the C engine failed: {error}"
-    lib.net_new.restype = ctypes.c_void_p
-    lib.net_new.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 3
-    lib.net_forward.restype = ctypes.c_int
-    lib.net_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.net_free.restype = None
-    lib.net_free.argtypes = [ctypes.c_void_p]
-    lib.net_set_timing.restype = None
-    lib.net_set_timing.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    return lib, ""
-
-
-def native_available() -> tuple[bool, str]:
-    """Whether the native backend can be used here, and if not, why."""
-    lib, reason = _native_library()
-    return lib is not None, reason
-
-
-class _NativeNet:
-    """The C engine's view of one network: owns the weight arrays the engine points into."""
-
-    def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, params: Params) -> None:
-        self._lib = lib
-        self._keep: list[np.ndarray] = []
-        pointers: list[int] = []
-
-        def add(array: np.ndarray) -> None:
-            array = np.ascontiguousarray(array, dtype=np.float32)
-            self._keep.append(array)
-            pointers.append(array.ctypes.data)
-
-        for i in range(spec.depth):
-            add(params[f"backbone.blocks.{i}.conv.weight"].numpy().reshape(spec.width, -1))
-            add(params[f"backbone.blocks.{i}.norm.weight"].numpy())
-            add(params[f"backbone.blocks.{i}.norm.bias"].numpy())
-            add(params[f"gate.{i}.fc1.weight"].numpy().T)  # (C_in, hidden)
-            add(params[f"gate.{i}.fc1.bias"].numpy())
-            add(params[f"gate.{i}.fc2.weight"].numpy().T)  # (hidden, C_out)
-            add(params[f"gate.{i}.fc2.bias"].numpy())
-        add(params["backbone.head.weight"].numpy())
-        add(params["backbone.head.bias"].numpy())
-        self.opened = np.zeros((spec.depth, spec.width), dtype=np.int32)
-        self.counts = np.zeros(spec.depth, dtype=np.int32)
-        table = (ctypes.c_void_p * len(pointers))(*pointers)
-        handle = lib.net_new(
-            spec.depth,
-            spec.width,
-            spec.in_channels,
-            spec.image_size,
-            spec.num_classes,
-            spec.gate_hidden,
-            spec.kernel_size,
-            table,
-            self.opened.ctypes.data,
-            self.counts.ctypes.data,
-        )
-        if not handle:
-            raise MemoryError("the C engine could not allocate its work buffers")
-        self._handle = handle
-        self._finalizer = weakref.finalize(self, lib.net_free, handle)
-        self._lock = threading.Lock()
-        self._classes = spec.num_classes
-        self._forward = lib.net_forward
-
-    def run(self, x: Tensor, gated: bool, want_open: bool) -> tuple[Tensor, list[np.ndarray]]:
-        """Kept lean: at batch size 1 a few microseconds of Python are a visible share."""
-        if not (x.is_cpu and x.dtype is torch.float32 and x.is_contiguous()):
-            x = x.to("cpu", torch.float32).contiguous()
-        logits = torch.empty(1, self._classes)
-        with self._lock:
-            self._forward(self._handle, x.data_ptr(), logits.data_ptr(), gated)
-            if not want_open:
-                return logits, []
-            return logits, [self.opened[i, :c].copy() for i, c in enumerate(self.counts)]
-
-    def stage_times(self, x: Tensor, gated: bool) -> np.ndarray:
-        """Nanoseconds of one forward per stage (see ``net_set_timing`` in the C source)."""
-        times = np.zeros(2 + 3 * len(self.counts), dtype=np.float64)
-        x = x.to("cpu", torch.float32).contiguous()
-        logits = torch.empty(1, self._classes)
-        with self._lock:
-            self._lib.net_set_timing(self._handle, times.ctypes.data)
-            try:
-                self._forward(self._handle, x.data_ptr(), logits.data_ptr(), int(gated))
-            finally:
-                self._lib.net_set_timing(self._handle, None)
-        return times
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -304,11 +134,11 @@ class SlicedGatedNet:
         self.metadata: dict[str, object] = {}  # what save() stored alongside, if loaded
         self._input_shape = (1, spec.in_channels, spec.image_size, spec.image_size)
         self._pad = spec.kernel_size // 2
-        self._native: _NativeNet | None = None
+        self._native: NativeNet | None = None
         if backend != "torch":
-            lib, reason = _native_library()
+            lib, reason = native_library()
             if lib is not None:
-                self._native = _NativeNet(lib, spec, self.params)
+                self._native = NativeNet(lib, spec, self.params)
             elif backend == "native":
                 raise RuntimeError(f"the native backend is unavailable: {reason}")
             else:
@@ -427,30 +257,6 @@ class SlicedGatedNet:
     def flops_ratio(self, opened: list[np.ndarray]) -> float:
         """Realized MACs / dense backbone MACs for one input (the project's ``flops_ratio``)."""
         return self.macs(opened) / dense_macs(self.spec)
-
-    # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike[str], **metadata: object) -> None:
-        """Write the exported model: one torch file with the spec (a dict), the parameters and
-        any plain metadata (where it came from, its accuracy, ...)."""
-        torch.save(
-            {
-                "format": FORMAT,
-                "spec": dataclasses.asdict(self.spec),
-                "params": self.params,
-                "metadata": dict(metadata),
-            },
-            path,
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], backend: str = "auto") -> SlicedGatedNet:
-        """Read a file written by :meth:`save` (``weights_only``: loading runs no code)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an exported sliced model ({FORMAT})")
-        model = cls(ModelSpec(**state["spec"]), state["params"], backend=backend)
-        model.metadata = dict(state.get("metadata", {}))
-        return model
 
 
 def _check_params(spec: ModelSpec, params: Params) -> None:

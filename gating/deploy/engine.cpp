@@ -1,3 +1,7 @@
+/* The sliced engine: one input through the open channels of an adapted gated Conv-N network.
+ * Built by torch.utils.cpp_extension.load (gating/deploy/native.py) as a plain shared library
+ * with a C ABI, and called through ctypes. Written in the C subset of C++ with GCC vector
+ * extensions. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -7,6 +11,8 @@
 #define VEC 16   /* floats per vector */
 #define COLS 32  /* output positions per micro-kernel block (2 vectors) */
 #define SLACK 96 /* floats after the last padded plane: the kernel may read past it */
+#define restrict __restrict__
+#define EXPORT extern "C" __attribute__((visibility("default")))
 
 typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VEC * sizeof(int32_t))));
@@ -55,7 +61,7 @@ typedef struct {
 
 /* Diagnostics: when `timing` is not NULL, each forward writes the nanoseconds it spent in each
  * stage: [input, then per layer (gate, conv, norm + pool + ReLU), then head]. */
-void net_set_timing(Net *n, double *timing) { n->timing = timing; }
+EXPORT void net_set_timing(Net *n, double *timing) { n->timing = timing; }
 
 static inline double clock_ns(void) {
     struct timespec t;
@@ -71,7 +77,7 @@ static inline double clock_ns(void) {
         }                                                                                       \
     } while (0)
 
-void net_free(Net *n) {
+EXPORT void net_free(Net *n) {
     if (!n) return;
     for (int l = 0; n->xp && l < n->depth; l++) free(n->xp[l]);
     for (int l = 0; n->valid && l < n->depth; l++) free(n->valid[l]);
@@ -83,13 +89,13 @@ void net_free(Net *n) {
 
 /* ptrs per layer: conv, gamma, beta, w1t, b1, w2t, b2; then head_w, head_b. The arrays stay
  * owned by the caller and must outlive the Net. */
-Net *net_new(int depth, int width, int in_channels, int image, int classes, int hidden, int kk,
+EXPORT Net *net_new(int depth, int width, int in_channels, int image, int classes, int hidden, int kk,
              const float **ptrs, int32_t *opened, int32_t *counts) {
-    Net *n = calloc(1, sizeof(Net));
+    Net *n = (Net *)calloc(1, sizeof(Net));
     if (!n) return NULL;
     n->depth = depth; n->width = width; n->in_channels = in_channels; n->image = image;
     n->classes = classes; n->hidden = hidden; n->kk = kk; n->opened = opened; n->counts = counts;
-#define ALLOC(f, cnt) n->f = calloc((size_t)(cnt), sizeof(*n->f))
+#define ALLOC(f, cnt) n->f = (decltype(n->f))calloc((size_t)(cnt), sizeof(*n->f))
     ALLOC(conv, depth); ALLOC(gamma, depth); ALLOC(beta, depth); ALLOC(w1t, depth);
     ALLOC(b1, depth); ALLOC(w2t, depth); ALLOC(b2, depth); ALLOC(side, depth + 1);
     ALLOC(cin, depth); ALLOC(xp, depth); ALLOC(valid, depth);
@@ -109,8 +115,8 @@ Net *net_new(int depth, int width, int in_channels, int image, int classes, int 
     for (int l = 0; l < depth && ok; l++) {
         const int s = n->side[l], sp = s + kk - 1, cols = round_up(s * sp, COLS);
         n->cin[l] = l == 0 ? in_channels : width;
-        n->xp[l] = calloc((size_t)n->cin[l] * sp * sp + SLACK + kk * sp, sizeof(float));
-        n->valid[l] = calloc((size_t)cols, sizeof(float));
+        n->xp[l] = (float *)calloc((size_t)n->cin[l] * sp * sp + SLACK + kk * sp, sizeof(float));
+        n->valid[l] = (float *)calloc((size_t)cols, sizeof(float));
         ok = n->xp[l] && n->valid[l];
         for (int p = 0; ok && p < s * sp; p++) n->valid[l][p] = p % sp < s ? 1.f : 0.f;
         if (cols > n->ldo) n->ldo = cols;
@@ -138,7 +144,7 @@ Net *net_new(int depth, int width, int in_channels, int image, int classes, int 
         for (int p = p0; p + NV * VEC <= p1; p += NV * VEC) {                                   \
             vf a[R][NV];                                                                        \
             for (int r = 0; r < R; r++)                                                         \
-                for (int v = 0; v < NV; v++) a[r][v] = (vf){0};                                 \
+                for (int v = 0; v < NV; v++) a[r][v] = vf{};                                 \
             for (int c = 0; c < n_in; c++) {                                                    \
                 const float *xc = xp + (size_t)c * plane + p;                                   \
                 const float *wc[R];                                                             \
@@ -294,7 +300,7 @@ static float norm_pool(const float *restrict row, const float *restrict valid, i
 
 /* One input (in_channels, image, image) -> logits (classes). gated=0: the plain backbone with
  * every channel (the dense reference: same kernels, no gates). Returns 0. */
-int net_forward(Net *n, const float *restrict x, float *restrict logits, int gated) {
+EXPORT int net_forward(Net *n, const float *restrict x, float *restrict logits, int gated) {
     const int kk = n->kk, pad = kk / 2, width = n->width, hidden = n->hidden;
     double mark = n->timing ? clock_ns() : 0.0;
     /* Layer 0's input: the image into its padded planes, and its average pool. */

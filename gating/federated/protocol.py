@@ -1,7 +1,8 @@
-"""The wire format between the ServerApp and the ClientApp: record keys and config encoding.
+"""What the ServerApp and the ClientApp agree on: record keys and the config's wire form.
 
 Every message carries the whole run configuration (flattened, typed on arrival against
-``conf.schema``) so a client never depends on ``context.run_config``.
+``conf.schema``) so a client never depends on ``context.run_config``. Plain strings and dicts:
+the Flower shells wrap them in records.
 """
 
 from __future__ import annotations
@@ -10,35 +11,37 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from flwr.app import ConfigRecord
 from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import settings_from_flat, to_flat
 
 ARRAYS = "arrays"  # server -> client: the meta-initialization (backbone.* and gate.* tensors)
 CONFIG = "config"  # server -> client: the run configuration plus per-round values
-UPDATE = "update"  # client -> server: meta-gradients, keyed like the parameters
+UPDATE = "update"  # client -> server: the update direction, keyed like the parameters
 METRICS = "metrics"  # client -> server: num-examples and the client's measurements
 NODE = "node"  # client -> server (query): who this node is
 
 ROUND_KEY = "server-round"
 REG_WEIGHT_KEY = "reg-weight"
 NUM_EXAMPLES = "num-examples"
+PARTITION_KEY = "partition-id"
 PER_ROUND_KEYS = (ROUND_KEY, REG_WEIGHT_KEY)
+#: What a training reply measured besides its example count (weighted means per round).
+TRAIN_METRICS = ("query-loss", "query-accuracy", "flops-ratio")
 
 # A flat config as a hashable key: (name, type name, value) per entry, lists as tuples. The type
 # is part of the key because 1, 1.0 and True hash alike but need not decode alike.
 _FrozenConfig = tuple[tuple[str, str, Any], ...]
 
 
-def encode_config(cfg: DictConfig | Mapping[str, Any], **per_round: Any) -> ConfigRecord:
+def encode_config(cfg: DictConfig | Mapping[str, Any], **per_round: Any) -> dict[str, Any]:
     """``cfg`` typed, or already flattened (the server flattens once per run, not per round)."""
     flat = to_flat(cfg) if isinstance(cfg, DictConfig) else cfg
-    return ConfigRecord({**flat, **per_round})
+    return {**flat, **per_round}
 
 
 def decode_config(record: Mapping[str, Any]) -> tuple[DictConfig, dict[str, Any]]:
-    """Split a received ConfigRecord into the typed run config and the per-round values.
+    """Split a received config into the typed run config and the per-round values.
 
     The typed config is cached by the record's settings: merging them onto the schema costs
     about 10 ms (OmegaConf), as much as a sixth of a client's whole meta-gradient on the

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from gating import (
+from conf.choices import AdaptOrder, RegularizerWhere, TrainGates
+from gating.model import (
     BACKBONE,
     GATE,
     GatedConvNet,
@@ -27,6 +28,7 @@ from gating import (
     active_channel_ratios,
     flops_ratio,
     gate_regularizer,
+    group_of,
     realized_macs,
 )
 
@@ -37,7 +39,7 @@ Params = dict[str, Tensor]
 class MetaConfig:
     """Everything the inner loop and the meta-gradient need; sent by the server every round."""
 
-    order: str = "backbone_first"  # backbone_first | gate_first
+    order: AdaptOrder = AdaptOrder.backbone_first
     backbone_lr: float = 0.4  # alpha, inner step size of the backbone stage
     gate_lr: float = 0.4  # gamma, inner step size of the gate stage
     inner_steps: int = 1  # gradient steps per stage
@@ -45,21 +47,9 @@ class MetaConfig:
     gating: bool = True  # False: the dense backbone only (fedmeta, fedavg)
     target_ratio: float = 0.5  # rho
     reg_weight: float = 0.0  # lambda for this round (the server applies the warm-up)
-    reg_where: str = "both"  # inner | outer | both
+    reg_where: RegularizerWhere = RegularizerWhere.both
     temperature: float = 2 / 3
-    train_gates: str = "hard"  # hard (straight-through) | soft (relaxed) during adaptation
-
-    def __post_init__(self) -> None:
-        if self.order not in ("backbone_first", "gate_first"):
-            raise ValueError(
-                f"adapt.order must be backbone_first or gate_first, got {self.order!r}"
-            )
-        if self.reg_where not in ("inner", "outer", "both"):
-            raise ValueError(f"gating.where must be inner, outer or both, got {self.reg_where!r}")
-        if self.train_gates not in ("hard", "soft"):
-            raise ValueError(f"gating.train_gates must be hard or soft, got {self.train_gates!r}")
-        if self.inner_steps < 0:
-            raise ValueError(f"adapt.inner_steps must be >= 0, got {self.inner_steps}")
+    train_gates: TrainGates = TrainGates.hard  # during adaptation and the query loss
 
     @property
     def train_mode(self) -> GateMode:
@@ -68,6 +58,14 @@ class MetaConfig:
     @property
     def eval_mode(self) -> GateMode:
         return GateMode.EVAL if self.gating else GateMode.OFF
+
+    @property
+    def inner_regularized(self) -> bool:
+        return self.reg_where in (RegularizerWhere.inner, RegularizerWhere.both)
+
+    @property
+    def outer_regularized(self) -> bool:
+        return self.reg_where in (RegularizerWhere.outer, RegularizerWhere.both)
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ def task_loss(
 
 
 def _group(params: Params, group: str) -> Params:
-    return {name: p for name, p in params.items() if name.split(".", 1)[0] == group}
+    return {name: p for name, p in params.items() if group_of(name) == group}
 
 
 def _sgd_stage(
@@ -115,7 +113,7 @@ def _sgd_stage(
     gives the partial derivative while the view still carries the graph back to the
     meta-initialization, so the meta-gradient flows through both stages.
     """
-    regularize = cfg.reg_where in ("inner", "both")
+    regularize = cfg.inner_regularized
     for _ in range(cfg.inner_steps):
         names = list(_group(params, group))
         params = {n: p.view_as(p) if n in names else p for n, p in params.items()}
@@ -134,7 +132,7 @@ def _sgd_stage(
 def stages(cfg: MetaConfig) -> list[tuple[str, float]]:
     """(group, inner step size) in the configured order; no gate stage when gating is off."""
     order = [(BACKBONE, cfg.backbone_lr), (GATE, cfg.gate_lr)]
-    if cfg.order == "gate_first":
+    if cfg.order == AdaptOrder.gate_first:
         order.reverse()
     return [(group, lr) for group, lr in order if group != GATE or cfg.gating]
 
@@ -165,14 +163,14 @@ def meta_gradients(
 ) -> MetaStep:
     """d L(Adapt(theta, phi; S); Q) / d(theta, phi) for one task."""
     params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
-    learnable = [n for n in params if cfg.gating or n.split(".", 1)[0] == BACKBONE]
+    learnable = [n for n in params if cfg.gating or group_of(n) == BACKBONE]
     adapted = adapt(model, params, support, cfg, create_graph=not cfg.first_order)
     if cfg.first_order:  # differentiate at the adapted point; the inner steps count as constants
         adapted = {n: p.detach().requires_grad_(True) for n, p in adapted.items()}
         wrt = adapted
     else:
         wrt = params
-    loss, out = task_loss(model, adapted, query, cfg, regularize=cfg.reg_where in ("outer", "both"))
+    loss, out = task_loss(model, adapted, query, cfg, regularize=cfg.outer_regularized)
     grads = torch.autograd.grad(loss, [wrt[n] for n in learnable], allow_unused=True)
     meta = {
         name: torch.zeros_like(params[name]) if grad is None else grad.detach()

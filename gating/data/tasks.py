@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.data.datasets import DatasetError, ImageDataset
+from gating.data.datasets import DatasetError, ImageDataset
 
 __all__ = [
     "Episode",

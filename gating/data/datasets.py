@@ -13,10 +13,13 @@ import gzip
 import os
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from conf.choices import DatasetName
 
 __all__ = [
     "DATASET_NAMES",
@@ -28,7 +31,7 @@ __all__ = [
     "read_idx",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "omniglot", "npz")
+DATASET_NAMES: tuple[str, ...] = tuple(DatasetName)
 
 #: Where Debian's ``dataset-fashion-mnist`` package puts the (gzipped) IDX files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -148,16 +151,9 @@ def _resolve_path(key: str, path: str | os.PathLike[str] | None) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(key: str, path: str | None, image_size: int | None) -> ImageDataset:
-    if key == "digits":
-        images, labels, names = _load_digits()
-    elif path is None:  # _resolve_path gives every other dataset a path or raises
+    if key != DatasetName.digits and path is None:  # _resolve_path gives a path or raises
         raise DatasetError(f"dataset {key!r} needs a path")
-    elif key in ("fashion_mnist", "mnist"):
-        images, labels, names = _load_idx_folder(key, Path(path))
-    elif key == "omniglot":
-        images, labels, names = _load_omniglot(Path(path), image_size or DEFAULT_OMNIGLOT_SIZE)
-    else:
-        images, labels, names = _load_npz(Path(path))
+    images, labels, names = _LOADERS[DatasetName(key)](path, image_size)
     if image_size is not None and images.shape[-2:] != (image_size, image_size):
         images = _resize(images, image_size)
     images = np.ascontiguousarray(images, dtype=np.float32)
@@ -446,3 +442,17 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
             f"npz file {path}: 'y' has dtype {y.dtype}; labels must be integers or strings"
         )
     return images, labels.reshape(-1).astype(np.int64), names
+
+
+# --------------------------------------------------------------------------- registry
+
+Loaded = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
+_LOADERS: dict[DatasetName, Callable[[str | None, int | None], Loaded]] = {
+    DatasetName.digits: lambda path, size: _load_digits(),
+    DatasetName.fashion_mnist: lambda path, size: _load_idx_folder("fashion_mnist", Path(path)),
+    DatasetName.mnist: lambda path, size: _load_idx_folder("mnist", Path(path)),
+    DatasetName.omniglot: lambda path, size: _load_omniglot(
+        Path(path), size or DEFAULT_OMNIGLOT_SIZE
+    ),
+    DatasetName.npz: lambda path, size: _load_npz(Path(path)),
+}

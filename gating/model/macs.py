@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gating.network import LayerTrace, ModelSpec
+from gating.model.spec import LayerTrace, ModelSpec
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Datasets and the federated split into per-node N-way tasks (plain numpy/torch, no Flower)."""
 
-from client.data.datasets import (
+from gating.data.datasets import (
     DATASET_NAMES,
     FASHION_MNIST_DIR,
     DatasetError,
@@ -9,7 +9,7 @@ from client.data.datasets import (
     load_dataset,
     read_idx,
 )
-from client.data.tasks import (
+from gating.data.tasks import (
     Episode,
     NodeTask,
     TaskSpec,

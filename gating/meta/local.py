@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from client.meta import Batch, MetaConfig, Params, forward
-from gating import BACKBONE, GatedConvNet, GateMode
+from gating.meta.adapt import Batch, MetaConfig, Params, forward
+from gating.model import BACKBONE, GatedConvNet, GateMode
 
 
 @dataclass

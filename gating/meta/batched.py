@@ -1,6 +1,6 @@
 """Meta-gradients of several tasks at once: ``torch.func.vmap`` over the tasks of one client.
 
-The same computation as :func:`client.meta.meta_gradients` per task (the two-stage ``Adapt``,
+The same computation as :func:`gating.meta.adapt.meta_gradients` per task (the two-stage ``Adapt``,
 then the query loss's gradient through it: second order, or first order at the adapted point),
 written with ``torch.func.grad`` so that ``vmap`` can batch it; second order comes from nesting
 the inner ``grad`` inside the outer one. The gate noise is drawn with
@@ -16,17 +16,17 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from client.meta import Batch, MetaConfig, MetaStep, Params, stages, task_loss
-from gating import BACKBONE, GatedConvNet, LayerTrace, flops_ratio
+from gating.meta.adapt import Batch, MetaConfig, MetaStep, Params, stages, task_loss
+from gating.model import BACKBONE, GatedConvNet, LayerTrace, flops_ratio, group_of
 
 
 def _stage(
     model: GatedConvNet, params: Params, group: str, lr: float, support: Batch, cfg: MetaConfig
 ) -> Params:
-    """``inner_steps`` gradient steps on one group (as ``client.meta._sgd_stage``); the step
+    """``inner_steps`` gradient steps on one group (as ``gating.meta.adapt._sgd_stage``); the step
     stays differentiable when an outer ``torch.func.grad`` is tracing it."""
-    regularize = cfg.reg_where in ("inner", "both")
-    names = [name for name in params if name.split(".", 1)[0] == group]
+    regularize = cfg.inner_regularized
+    names = [name for name in params if group_of(name) == group]
     for _ in range(cfg.inner_steps):
 
         def loss(sub: Params, params: Params = params) -> Tensor:
@@ -38,7 +38,7 @@ def _stage(
 
 
 def adapt(model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig) -> Params:
-    """The two-stage adaptation of ``client.meta.adapt``, in ``torch.func`` form."""
+    """The two-stage adaptation of ``gating.meta.adapt.adapt``, in ``torch.func`` form."""
     for group, lr in stages(cfg):
         params = _stage(model, params, group, lr, support, cfg)
     return params
@@ -46,7 +46,7 @@ def adapt(model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig) 
 
 def _task_fn(model: GatedConvNet, learnable: list[str], cfg: MetaConfig) -> Callable[..., tuple]:
     """One task's (meta-gradient, (query loss, query logits, gate masks)) as a pure function."""
-    outer_reg = cfg.reg_where in ("outer", "both")
+    outer_reg = cfg.outer_regularized
 
     def query_loss(adapted: Params, query: Batch) -> tuple[Tensor, tuple]:
         loss, out = task_loss(model, adapted, query, cfg, outer_reg)
@@ -83,10 +83,10 @@ def meta_gradients_batched(
     episodes: Sequence[tuple[Batch, Batch]],
     cfg: MetaConfig,
 ) -> list[MetaStep]:
-    """``[client.meta.meta_gradients(model, initial, s, q, cfg) for s, q in episodes]`` in one
+    """``[gating.meta.adapt.meta_gradients(model, initial, s, q, cfg) for s, q in episodes]`` in one
     vmapped pass (fewer, larger kernels: faster when a client meta-learns on several tasks)."""
     params = {name: t.detach() for name, t in initial.items()}
-    learnable = [n for n in params if cfg.gating or n.split(".", 1)[0] == BACKBONE]
+    learnable = [n for n in params if cfg.gating or group_of(n) == BACKBONE]
     stacked = [
         torch.stack([s.x for s, _ in episodes]),
         torch.stack([s.y for s, _ in episodes]),

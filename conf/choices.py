@@ -1,0 +1,85 @@
+"""Every choice a setting offers, as an enum: the one place each name is spelled.
+
+OmegaConf types the structured config with these, so a bad value fails where the config is read
+(naming the key and the valid values). Member names equal their values because OmegaConf parses
+a string by member name; ``StrEnum`` members compare equal to their strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class StrategyName(StrEnum):
+    """The federated strategies; what each client computes is registered in
+    ``gating.federated.updates``, what the names imply for the config in :data:`TRAITS`."""
+
+    metagater = "metagater"
+    metagater_fo = "metagater_fo"
+    fedmeta = "fedmeta"
+    fedavg = "fedavg"
+    perfedavg = "perfedavg"
+
+
+class UpdateKind(StrEnum):
+    """What a sampled client sends back."""
+
+    meta_gradient = "meta_gradient"  # d L(Adapt(θ, φ; S); Q) / d(θ, φ)
+    local_sgd = "local_sgd"  # θ - θ_local after local SGD (FedAvg)
+    perfedavg_steps = "perfedavg_steps"  # θ - θ_local after local Per-FedAvg steps
+
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    gated: bool  # learns gates (gating.enabled must match)
+    update: UpdateKind
+    first_order: bool | None = None  # a value the name fixes (meta.first_order), None if free
+
+    @property
+    def reads_local(self) -> bool:
+        """Whether the strategy's clients read ``local.*``."""
+        return self.update is not UpdateKind.meta_gradient
+
+
+TRAITS: dict[StrategyName, StrategyTraits] = {
+    StrategyName.metagater: StrategyTraits(True, UpdateKind.meta_gradient),
+    StrategyName.metagater_fo: StrategyTraits(True, UpdateKind.meta_gradient, first_order=True),
+    StrategyName.fedmeta: StrategyTraits(False, UpdateKind.meta_gradient),
+    StrategyName.fedavg: StrategyTraits(False, UpdateKind.local_sgd),
+    StrategyName.perfedavg: StrategyTraits(False, UpdateKind.perfedavg_steps),
+}
+
+
+class DatasetName(StrEnum):
+    digits = "digits"  # scikit-learn's bundled 8x8 digits
+    fashion_mnist = "fashion_mnist"  # MNIST-format IDX files (Debian: dataset-fashion-mnist)
+    mnist = "mnist"  # MNIST-format IDX files in a given folder
+    omniglot = "omniglot"  # alphabet/character/*.png
+    npz = "npz"  # x (N,H,W[,C]) and y (N,)
+
+
+class AdaptOrder(StrEnum):
+    backbone_first = "backbone_first"
+    gate_first = "gate_first"
+
+
+class RegularizerWhere(StrEnum):
+    inner = "inner"
+    outer = "outer"
+    both = "both"
+
+
+class TrainGates(StrEnum):
+    hard = "hard"  # logistic noise, hard 0/1 forward, straight-through gradient
+    soft = "soft"  # relaxed sigmoid((logit + noise) / τ)
+
+
+class ServerOptimizer(StrEnum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class Objective(StrEnum):
+    accuracy = "accuracy"
+    budgeted_accuracy = "budgeted_accuracy"

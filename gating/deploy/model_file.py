@@ -1,0 +1,42 @@
+"""The deployment file of an adapted node: one torch file a node loads without running code.
+
+It holds the format tag, the model spec as a dict, the parameters and plain metadata (where the
+model came from, its accuracy, ...); :func:`load_model` reads it with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from gating.deploy.sliced import SlicedGatedNet
+from gating.model import ModelSpec
+
+FORMAT = "metagater-sliced/1"
+
+
+def save_model(model: SlicedGatedNet, path: str | os.PathLike[str], **metadata: Any) -> None:
+    torch.save(
+        {
+            "format": FORMAT,
+            "spec": dataclasses.asdict(model.spec),
+            "params": model.params,
+            "metadata": dict(metadata),
+        },
+        path,
+    )
+
+
+def load_model(path: str | os.PathLike[str], backend: str = "auto") -> SlicedGatedNet:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated, foreign or pickled-code file
+        raise ValueError(f"{path} is not a readable exported sliced model: {error}") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an exported sliced model ({FORMAT})")
+    model = SlicedGatedNet(ModelSpec(**state["spec"]), state["params"], backend=backend)
+    model.metadata = dict(state.get("metadata", {}))
+    return model

@@ -1,0 +1,97 @@
+"""Fast adaptation at a new node, and what the server makes of many such nodes.
+
+A target node runs one ``Adapt`` from the meta-initialization on its fixed support episode and
+reports on its query episode; :func:`summarize` turns the reports of every target node into the
+run's figures (mean and 95% interval over tasks, one task per node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from torch import Tensor
+
+from gating.data import NodeTask
+from gating.federated.settings import meta_config, model_for, model_spec, seed_torch
+from gating.meta import Batch, evaluate_adaptation, nearest_centroid_accuracy
+from gating.model import dense_macs
+from gating.stats import mean_ci95
+
+#: The evaluation metrics a target node reports (all floats but ``layer-active``, a list).
+NODE_METRICS = (
+    "accuracy",
+    "accuracy-before",
+    "loss",
+    "flops-ratio",
+    "macs",
+    "dense-macs",
+    "layer-active",
+    "nearest-centroid-accuracy",
+)
+
+
+def evaluate_node(
+    cfg: DictConfig,
+    task: NodeTask,
+    params: Mapping[str, Tensor],
+    server_round: int,
+    reg_weight: float,
+) -> dict[str, Any]:
+    """One ``Adapt`` on the node's support episode; metrics on its query episode."""
+    spec = model_spec(cfg, task)
+    model = model_for(spec)
+    episode = task.fixed_episode()
+    support = Batch(episode.support_x, episode.support_y)
+    query = Batch(episode.query_x, episode.query_y)
+    seed_torch(cfg.seed, task.partition_id, server_round, 1)
+    result = evaluate_adaptation(model, params, support, query, meta_config(cfg, reg_weight))
+    after, before = result["after"], result["before"]
+    dense = float(dense_macs(spec))
+    return {
+        "accuracy": after["accuracy"],
+        "accuracy-before": before["accuracy"],
+        "loss": after["loss"],
+        "flops-ratio": after["flops_ratio"],
+        "macs": after.get("macs", dense),
+        "dense-macs": dense,
+        "layer-active": [float(r) for r in after["layer_active"]],
+        "nearest-centroid-accuracy": nearest_centroid_accuracy(
+            support.x, support.y, query.x, query.y
+        ),
+    }
+
+
+def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's figures from the reports of target nodes (partition id -> report)."""
+    if not reports:
+        raise ValueError("no target node reported")
+    ordered = [reports[p] for p in sorted(reports)]
+
+    def mean(key: str) -> float:
+        return float(np.mean([float(r[key]) for r in ordered]))
+
+    accuracy, ci95 = mean_ci95([float(r["accuracy"]) for r in ordered])
+    return {
+        "accuracy": accuracy,
+        "accuracy_ci95": ci95,
+        "accuracy_before": mean("accuracy-before"),
+        "flops_ratio": mean("flops-ratio"),
+        "macs": mean("macs"),
+        "dense_macs": float(ordered[0]["dense-macs"]),
+        "nearest_centroid_accuracy": mean("nearest-centroid-accuracy"),
+        "target_tasks": len(ordered),
+        "layer_active": [float(v) for v in np.mean([list(r["layer-active"]) for r in ordered], 0)],
+        "task_accuracy": {str(p): float(reports[p]["accuracy"]) for p in sorted(reports)},
+    }
+
+
+def scalar_figures(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The per-round scalars of a summary (for history.json): lists and per-task maps left out."""
+    return {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and not np.isnan(v)
+    }

@@ -1,0 +1,116 @@
+"""One round of federated meta-learning without Flower: sample nodes, their updates, the step.
+
+:class:`NodeSampler` is the Flower strategy's sampling too; :class:`BareFederation` runs the
+rounds in one process with the very functions the ClientApp and the strategy call, which is
+what the benchmarks compare Flower against and what trains a model when no federation is
+needed (the gated-inference benchmark).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from gating.data import NodeTask
+from gating.federated.nodes import node_task
+from gating.federated.server_step import Params, ServerStep
+from gating.federated.settings import (
+    initial_parameters,
+    learned_groups,
+    model_spec,
+    regularizer_weight,
+)
+from gating.federated.updates import ClientRound, ClientUpdate, client_update
+from gating.model import BACKBONE, GATE
+
+
+class NodeSampler:
+    """Seeded sampling over sorted partition ids, so a resumed run (whose Flower node ids are
+    new) samples the same nodes as an uninterrupted one."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def train(self, partitions: Sequence[int], count: int) -> list[int]:
+        """``count`` (or all, if fewer) of ``partitions``, in sampling order."""
+        return self.rng.sample(sorted(partitions), min(count, len(partitions)))
+
+    def evaluate(self, partitions: Sequence[int], count: int) -> list[int]:
+        """``count`` of ``partitions``, sorted; all of them when ``count`` is 0 or too large."""
+        partitions = sorted(partitions)
+        if 0 < count < len(partitions):
+            return sorted(self.rng.sample(partitions, count))
+        return partitions
+
+    def getstate(self) -> Any:
+        return self.rng.getstate()
+
+    def setstate(self, state: Any) -> None:
+        self.rng.setstate(state)
+
+
+def server_step_for(cfg: DictConfig, params: Params) -> ServerStep:
+    """The run's server optimizers over ``params``."""
+    return ServerStep(
+        params,
+        learned_groups(cfg),
+        cfg.meta.optimizer,
+        {BACKBONE: cfg.meta.backbone_lr, GATE: cfg.meta.gate_lr},
+    )
+
+
+@dataclass
+class BareRound:
+    partitions: list[int]  # in sampling (dispatch) order
+    updates: list[ClientUpdate]
+    client_seconds: list[float]
+    server_seconds: float
+
+
+class BareFederation:
+    """The run's meta-training in this process: the ClientApp's :func:`client_update` for each
+    node the strategy's :class:`NodeSampler` picks, then the strategy's :class:`ServerStep`."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        fed = cfg.federation
+        num_partitions = fed.train_nodes + fed.target_nodes
+        self.tasks: dict[int, NodeTask] = {
+            p: node_task(cfg, {"partition-id": p, "num-partitions": num_partitions})
+            for p in range(fed.train_nodes)  # node_role: the first partitions train
+        }
+        self.spec = model_spec(cfg, self.tasks[0])
+        self.step = server_step_for(cfg, initial_parameters(self.spec, cfg.seed))
+        self.sampler = NodeSampler(cfg.seed)
+
+    @property
+    def params(self) -> Params:
+        return self.step.params
+
+    def round(self, server_round: int) -> BareRound:
+        partitions = self.sampler.train(list(self.tasks), self.cfg.federation.clients_per_round)
+        weight = regularizer_weight(self.cfg, server_round)
+        params = self.params
+        updates, seconds = [], []
+        for partition in partitions:
+            start = time.perf_counter()
+            job = ClientRound(self.cfg, self.tasks[partition], params, server_round, weight)
+            updates.append(client_update(job))
+            seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        order = sorted(range(len(partitions)), key=partitions.__getitem__)
+        self.step.apply([updates[i].update for i in order], [updates[i].examples for i in order])
+        return BareRound(partitions, updates, seconds, time.perf_counter() - start)
+
+    def train(self, rounds: int, log: Callable[[int, BareRound], None] | None = None) -> Params:
+        """Rounds ``1..rounds``; ``log`` sees each finished round."""
+        for server_round in range(1, rounds + 1):
+            result = self.round(server_round)
+            if log is not None:
+                log(server_round, result)
+        return {n: p.clone() for n, p in self.params.items()}

@@ -1,0 +1,108 @@
+"""From a run's configuration to the plain objects the algorithm takes.
+
+Clients, the server, the exporter and the benchmarks build their model, inner-loop settings and
+task shape here, so that they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from conf.choices import TRAITS, StrategyName
+from gating.data import NodeTask, TaskSpec
+from gating.meta import MetaConfig
+from gating.model import BACKBONE, GATE, GatedConvNet, ModelSpec
+
+Params = dict[str, torch.Tensor]
+
+
+def task_spec(cfg: DictConfig) -> TaskSpec:
+    holdout = cfg.task.holdout_classes
+    return TaskSpec(
+        ways=cfg.task.ways,
+        shots=cfg.task.shots,
+        queries=cfg.task.queries,
+        train_pool=cfg.task.train_pool,
+        target_nodes=cfg.federation.target_nodes,
+        holdout_samples=cfg.task.holdout_samples,
+        holdout_classes=holdout if holdout == "auto" else float(holdout),
+    )
+
+
+def model_spec(cfg: DictConfig, task: NodeTask) -> ModelSpec:
+    channels, height, width = task.images.shape[1:]
+    if height != width:
+        raise ValueError(f"images must be square, got {height}x{width}")
+    return spec_for(cfg, int(channels), int(height))
+
+
+def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
+    """The model every node and the server build for this run and this image shape."""
+    return ModelSpec(
+        in_channels=channels,
+        image_size=image_size,
+        num_classes=cfg.task.ways,
+        width=cfg.model.width,
+        depth=cfg.model.depth,
+        gate_hidden=cfg.model.gate_hidden,
+        gate_bias=cfg.model.gate_bias,
+    )
+
+
+@lru_cache(maxsize=16)
+def model_for(spec: ModelSpec) -> GatedConvNet:
+    """A module used only as a function of given parameters (its own weights are never read)."""
+    return GatedConvNet(spec)
+
+
+def initial_parameters(spec: ModelSpec, seed: int) -> Params:
+    """The meta-initialization of round 1: a seeded fresh model, the caller's RNG untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GatedConvNet(spec)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def learned_groups(cfg: DictConfig) -> tuple[str, ...]:
+    """The parameter groups the run's strategy learns (the dense ones leave the gates alone)."""
+    return (BACKBONE, GATE) if TRAITS[StrategyName(cfg.strategy.name)].gated else (BACKBONE,)
+
+
+def regularizer_weight(cfg: DictConfig, server_round: int) -> float:
+    """λ, warmed up linearly over ``gating.warmup_rounds`` (gates first learn the task)."""
+    if not cfg.gating.enabled:
+        return 0.0
+    warmup = max(cfg.gating.warmup_rounds, 0)
+    scale = 1.0 if warmup == 0 else min(1.0, server_round / warmup)
+    return float(cfg.gating["lambda"]) * scale
+
+
+def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
+    return MetaConfig(
+        order=cfg.adapt.order,
+        backbone_lr=cfg.adapt.backbone_lr,
+        gate_lr=cfg.adapt.gate_lr,
+        inner_steps=cfg.adapt.inner_steps,
+        first_order=cfg.meta.first_order,
+        gating=cfg.gating.enabled,
+        target_ratio=cfg.gating.target_ratio,
+        reg_weight=reg_weight,
+        reg_where=cfg.gating.where,
+        temperature=cfg.gating.temperature,
+        train_gates=cfg.gating.train_gates,
+    )
+
+
+def seed_torch(*keys: int) -> None:
+    """Seed torch (gate noise) from (seed, partition, round, ...): any node's round is
+    reproducible on its own, which makes interrupted-and-resumed runs equal uninterrupted ones."""
+    torch.manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
+
+
+def episode_rng(*keys: int) -> np.random.Generator:
+    """The episode draws of a node's round, from the same keys as :func:`seed_torch`."""
+    return np.random.default_rng([int(k) for k in keys])

@@ -1,0 +1,143 @@
+"""A sampled client's half of a round, one function per strategy (the registry below).
+
+Each function takes the round's meta-initialization and the node's task and returns the
+direction the server averages, the example count it is weighted by and what the client saw.
+The ClientApp, the bare benchmark loop and the tests all call :func:`client_update`; adding a
+strategy is a name in ``conf.choices`` and one function here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from conf.choices import StrategyName
+from gating.data import NodeTask
+from gating.federated.settings import (
+    episode_rng,
+    meta_config,
+    model_for,
+    model_spec,
+    seed_torch,
+)
+from gating.meta import Batch, fedavg_update, meta_gradients, perfedavg_update
+
+Params = dict[str, Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    update: Params  # per learned parameter: the direction the server averages
+    examples: int  # the weight of this update in the server's mean
+    loss: float  # on the client's query data, after adaptation (or local training)
+    accuracy: float
+    flops_ratio: float  # realized / dense MACs of those forward passes (1.0 when dense)
+
+
+@dataclass(frozen=True)
+class ClientRound:
+    """Everything a client's update depends on."""
+
+    cfg: DictConfig
+    task: NodeTask
+    params: Params  # the round's meta-initialization
+    server_round: int
+    reg_weight: float  # λ of this round (the server applies the warm-up)
+
+    def episodes(self) -> Callable[[], tuple[Batch, Batch]]:
+        """Fresh (support, query) draws, seeded by (seed, partition, round); seeds the gate
+        noise the same way, so any round of any node is reproducible on its own."""
+        keys = (self.cfg.seed, self.task.partition_id, self.server_round)
+        seed_torch(*keys)
+        rng = episode_rng(*keys)
+
+        def draw() -> tuple[Batch, Batch]:
+            episode = self.task.episode(rng)
+            return (
+                Batch(episode.support_x, episode.support_y),
+                Batch(episode.query_x, episode.query_y),
+            )
+
+        return draw
+
+
+def meta_gradient_update(job: ClientRound) -> ClientUpdate:
+    """MetaGater and FedMeta: the mean meta-gradient over ``task.tasks_per_client`` episodes."""
+    cfg, spec = job.cfg, job.task.spec
+    model = model_for(model_spec(cfg, job.task))
+    meta_cfg = meta_config(cfg, job.reg_weight)
+    draw = job.episodes()
+    steps = [
+        meta_gradients(model, job.params, *draw(), meta_cfg)
+        for _ in range(cfg.task.tasks_per_client)
+    ]
+    return ClientUpdate(
+        update={n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads},
+        examples=len(steps) * spec.ways * spec.queries,
+        loss=float(np.mean([s.query_loss for s in steps])),
+        accuracy=float(np.mean([s.query_accuracy for s in steps])),
+        flops_ratio=float(np.mean([s.flops_ratio for s in steps])),
+    )
+
+
+def _merged(support: Batch, query: Batch) -> Batch:
+    return Batch(torch.cat([support.x, query.x]), torch.cat([support.y, query.y]))
+
+
+def fedavg_client_update(job: ClientRound) -> ClientUpdate:
+    """FedAvg: ``local.steps`` SGD steps on fresh local batches; sends ``θ - θ_local``."""
+    cfg = job.cfg
+    model = model_for(model_spec(cfg, job.task))
+    draw = job.episodes()
+    step = fedavg_update(
+        model,
+        job.params,
+        lambda: _merged(*draw()),
+        meta_config(cfg, job.reg_weight),
+        cfg.local.lr,
+        cfg.local.steps,
+    )
+    return ClientUpdate(
+        step.update, cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
+    )
+
+
+def perfedavg_client_update(job: ClientRound) -> ClientUpdate:
+    """Per-FedAvg (Hessian-free, or first order with ``meta.first_order``); sends
+    ``θ - θ_local``. Its inner step α is ``adapt.backbone_lr``, its outer step β ``local.lr``."""
+    cfg = job.cfg
+    model = model_for(model_spec(cfg, job.task))
+    draw = job.episodes()
+    step = perfedavg_update(
+        model,
+        job.params,
+        lambda: (*draw(), draw()[0]),
+        meta_config(cfg, job.reg_weight),
+        alpha=cfg.adapt.backbone_lr,
+        beta=cfg.local.lr,
+        steps=cfg.local.steps,
+        hessian_free=not cfg.meta.first_order,
+        delta=cfg.local.hessian_delta,
+    )
+    return ClientUpdate(
+        step.update, cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
+    )
+
+
+CLIENT_UPDATES: dict[StrategyName, Callable[[ClientRound], ClientUpdate]] = {
+    StrategyName.metagater: meta_gradient_update,
+    StrategyName.metagater_fo: meta_gradient_update,
+    StrategyName.fedmeta: meta_gradient_update,
+    StrategyName.fedavg: fedavg_client_update,
+    StrategyName.perfedavg: perfedavg_client_update,
+}
+
+
+def client_update(job: ClientRound) -> ClientUpdate:
+    """The update of ``job.cfg.strategy.name`` (see :data:`CLIENT_UPDATES`)."""
+    return CLIENT_UPDATES[StrategyName(job.cfg.strategy.name)](job)

@@ -1,0 +1,35 @@
+"""Meta-learning math: two-stage ``Adapt``, meta-gradients (loop and vmapped), local updates."""
+
+from gating.meta.adapt import (
+    Batch,
+    MetaConfig,
+    MetaStep,
+    Params,
+    adapt,
+    evaluate_adaptation,
+    forward,
+    meta_gradients,
+    stages,
+    task_loss,
+)
+from gating.meta.batched import meta_gradients_batched
+from gating.meta.local import LocalStep, fedavg_update, perfedavg_update
+from gating.meta.nearest_centroid import nearest_centroid_accuracy
+
+__all__ = [
+    "Batch",
+    "LocalStep",
+    "MetaConfig",
+    "MetaStep",
+    "Params",
+    "adapt",
+    "evaluate_adaptation",
+    "fedavg_update",
+    "forward",
+    "meta_gradients",
+    "meta_gradients_batched",
+    "nearest_centroid_accuracy",
+    "perfedavg_update",
+    "stages",
+    "task_loss",
+]

@@ -1,0 +1,77 @@
+"""The conditional channel-gated Conv-N network (Conv-4 by default, the few-shot standard)."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gating.model.gates import ChannelGate, GateMode, gate_values
+from gating.model.norm import BatchStatNorm
+from gating.model.spec import GatedOutput, LayerTrace, ModelSpec
+
+
+class ConvBlock(nn.Module):
+    """conv -> norm -> ReLU; pooling is done outside."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.norm = BatchStatNorm(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        channels = [spec.in_channels] + [spec.width] * spec.depth
+        self.blocks = nn.ModuleList(
+            ConvBlock(c_in, c_out, spec.kernel_size) for c_in, c_out in itertools.pairwise(channels)
+        )
+        self.head = nn.Linear(spec.head_features, spec.num_classes)
+
+
+class GatedConvNet(nn.Module):
+    """Conv-N backbone with one channel gate per conv layer; the head is not gated.
+
+    A gate multiplies its layer's channels after norm+ReLU, so a closed channel is also a
+    missing input channel of the next conv (and of the head).
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.backbone = Backbone(spec)
+        channels = [spec.in_channels] + [spec.width] * spec.depth
+        self.gate = nn.ModuleList(
+            ChannelGate(c_in, c_out, spec.gate_hidden, spec.gate_bias)
+            for c_in, c_out in itertools.pairwise(channels)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        mode: GateMode | str = GateMode.HARD,
+        temperature: float = 2 / 3,
+        masks: list[Tensor] | None = None,
+    ) -> GatedOutput:
+        """``masks`` (one (B, C_out) or (C_out,) tensor per layer) overrides the gates' decisions,
+        e.g. to close chosen channels; the gate MLPs still run so their cost is still paid."""
+        mode = GateMode(mode)
+        trace: list[LayerTrace] = []
+        for index, (block, gate) in enumerate(zip(self.backbone.blocks, self.gate, strict=True)):
+            features = block(x)
+            if mode is GateMode.OFF:
+                trace.append(LayerTrace(mask=None, prob=None))
+            else:
+                logits = gate(x)
+                mask = gate_values(logits, mode, temperature)
+                if masks is not None:
+                    mask = masks[index].to(features.dtype).expand_as(mask)
+                features = features * mask[:, :, None, None]
+                trace.append(LayerTrace(mask=mask, prob=logits.sigmoid()))
+            x = F.max_pool2d(features, 2, ceil_mode=True)
+        return GatedOutput(logits=self.backbone.head(x.flatten(1)), trace=trace)
