@@ -59,6 +59,13 @@ class DatasetName(StrEnum):
     npz = "npz"  # x (N,H,W[,C]) and y (N,)
 
 
+class NormKind(StrEnum):
+    """Where the network's norms take their statistics from at a node."""
+
+    metabn = "metabn"  # the node's support set, frozen after Adapt (TaskNorm's MetaBN)
+    batch = "batch"  # the batch being classified: transductive (the MAML convention)
+
+
 class AdaptOrder(StrEnum):
     backbone_first = "backbone_first"
     gate_first = "gate_first"

@@ -17,6 +17,7 @@ from conf.choices import (
     TRAITS,
     AdaptOrder,
     DatasetName,
+    NormKind,
     Objective,
     RegularizerWhere,
     ServerOptimizer,
@@ -45,6 +46,9 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
+    # metabn: statistics from the node's support set, frozen for its queries (deployable, one
+    # image at a time); batch: the statistics of the batch being classified (transductive).
+    norm: NormKind = NormKind.metabn
     width: int = 32
     depth: int = 4
     gate_hidden: int = 16

@@ -4,20 +4,22 @@
 
 It rebuilds partition P's task exactly as the ClientApp does (``gating.federated.nodes`` with the
 run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
-``Adapt`` on the node's fixed support episode with the same lambda and gate-noise seed as the
-run's evaluation at the checkpoint's round, and writes the adapted network as a
-:class:`gating.deploy.SlicedGatedNet` file: the deployment form that runs only the open channels.
+``Adapt`` on the node's fixed support episode with the same λ and gate-noise seed as the run's
+final evaluation, freezes the norms' statistics as the node does (``metabn``: from its support
+set), and writes a :class:`gating.deploy.SlicedGatedNet` file: the deployment form that runs
+only the open channels, with everything a node needs to classify one image at a time.
 
-It prints the exported model's accuracy on the node's query set next to the masked dense
-network's, both one input at a time (they must agree: same function, other arithmetic). The
-run's own evaluation passes the whole query set as one batch, and the norm then uses the batch's
-statistics; a deployed model sees one input at a time and normalises with that input's own
-statistics, so that figure is printed too, for contrast, and can differ.
+It classifies the node's queries one at a time with the exported model and with the masked
+dense network (same function, other arithmetic: they must agree), next to the accuracy the run
+reported for that node (``task_accuracy.json``), which is the same one-image-at-a-time figure,
+and the transductive accuracy (norm statistics of the whole query batch) for contrast. The last
+line is ``RESULT accuracy=<exported model, one image at a time> reported=<the run's figure>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.func import functional_call
 
 from gating.deploy import BACKENDS, SlicedGatedNet, save_model
 from gating.federated.nodes import node_task
@@ -38,11 +39,12 @@ from gating.federated.settings import (
     regularizer_weight,
     seed_torch,
 )
-from gating.meta import Batch, adapt
+from gating.meta import Batch, accuracy, adapt, deployed_stats, forward
 from gating.model import GateMode
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
+TASK_ACCURACY = "task_accuracy.json"
 
 
 @dataclass
@@ -56,11 +58,12 @@ class Export:
     classes: list[int]  # global class ids in node-local label order (logit i -> classes[i])
     accuracy: float  # the sliced model, one query input at a time
     masked_dense_accuracy: float  # GatedConvNet in GateMode.EVAL, one input at a time
-    batch_accuracy: float  # GatedConvNet in GateMode.EVAL on the whole query set (the run's way)
+    transductive_accuracy: float  # GatedConvNet, norm statistics of the whole query batch
     max_logit_difference: float  # sliced vs masked dense, over the query set
     masks_equal: bool  # the same channels open for every query input
     flops_ratio: float  # mean realized MACs / dense MACs over the query inputs
     layer_active: list[float] = field(default_factory=list)  # mean open ratio per gated layer
+    reported: float | None = None  # the run's task_accuracy.json figure for this node
 
     def metadata(self) -> dict[str, object]:
         return {
@@ -95,7 +98,8 @@ def adapt_node(
     with torch.random.fork_rng():  # the client's gate-noise seed, without touching the caller's
         seed_torch(cfg.seed, task.partition_id, server_round, 1)
         adapted = {n: t.detach() for n, t in adapt(model, initial, support, meta_cfg).items()}
-    sliced = SlicedGatedNet(spec, adapted, backend=backend)
+    stats = deployed_stats(model, adapted, support.x, meta_cfg)
+    sliced = SlicedGatedNet(spec, adapted, backend=backend, statistics=stats.frozen)
 
     query_x, query_y = episode.query_x, episode.query_y
     sliced_preds, dense_preds, ratios, opened_all = [], [], [], []
@@ -104,7 +108,7 @@ def adapt_node(
         for i in range(len(query_y)):
             x = query_x[i : i + 1]
             logits, opened = sliced.forward_with_open(x)
-            out = functional_call(model, adapted, (x,), {"mode": GateMode.EVAL})
+            out = forward(model, adapted, x, GateMode.EVAL, meta_cfg, stats)
             max_diff = max(max_diff, float((logits - out.logits).abs().max()))
             masks = [np.flatnonzero(layer.mask[0].numpy()) for layer in out.trace]
             masks_equal &= all(np.array_equal(a, b) for a, b in zip(masks, opened, strict=True))
@@ -112,7 +116,7 @@ def adapt_node(
             dense_preds.append(int(out.logits.argmax()))
             ratios.append(sliced.flops_ratio(opened))
             opened_all.append([len(o) for o in opened])
-        batch = functional_call(model, adapted, (query_x,), {"mode": GateMode.EVAL})
+        batch = forward(model, adapted, query_x, GateMode.EVAL, meta_cfg)
     labels = query_y.numpy()
     return Export(
         model=sliced,
@@ -122,7 +126,7 @@ def adapt_node(
         classes=[int(c) for c in task.classes],
         accuracy=float(np.mean(np.asarray(sliced_preds) == labels)),
         masked_dense_accuracy=float(np.mean(np.asarray(dense_preds) == labels)),
-        batch_accuracy=float((batch.logits.argmax(1) == query_y).float().mean()),
+        transductive_accuracy=accuracy(batch.logits, query_y),
         max_logit_difference=max_diff,
         masks_equal=masks_equal,
         flops_ratio=float(np.mean(ratios)),
@@ -148,6 +152,14 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
     return cfg, params, int(state["round"])
 
 
+def reported_accuracy(run_dir: Path, partition: int) -> float | None:
+    """The run's own final accuracy for node ``partition``, if it recorded one."""
+    path = run_dir / TASK_ACCURACY
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(str(partition))
+
+
 def export_run(
     run_dir: str | Path,
     partition: int | None,
@@ -156,6 +168,7 @@ def export_run(
 ) -> Export:
     """Adapt ``partition`` (default: the first target node) of a finished run and, if ``out``
     is given, write its sliced model there."""
+    run_dir = Path(run_dir)
     cfg, params, server_round = load_run(run_dir)
     if not cfg.gating.enabled:
         raise ValueError(
@@ -164,26 +177,31 @@ def export_run(
     if partition is None:
         partition = int(cfg.federation.train_nodes)
     result = adapt_node(cfg, params, partition, server_round, backend=backend)
+    result.reported = reported_accuracy(run_dir, partition)
     if out is not None:
-        save_model(result.model, out, run_dir=str(Path(run_dir).resolve()), **result.metadata())
+        save_model(result.model, out, run_dir=str(run_dir.resolve()), **result.metadata())
     return result
 
 
 def format_report(result: Export) -> str:
     spec = result.model.spec
+    norm = "frozen support statistics" if result.model.statistics is not None else "its own"
+    reported = "-" if result.reported is None else f"{result.reported:.4f}"
     lines = [
         f"partition {result.partition} ({result.role} node), adapted from the round "
         f"{result.server_round} meta-initialization; classes {result.classes}",
-        f"backend {result.model.backend}; flops_ratio {result.flops_ratio:.3f} "
-        f"(MACs, gates included); open channels per layer "
+        f"backend {result.model.backend}; norm statistics: {norm}; flops_ratio "
+        f"{result.flops_ratio:.3f} (MACs, gates included); open channels per layer "
         + ", ".join(f"{r:.2f}" for r in result.layer_active),
         "",
         "| query accuracy | value |",
         "| --- | --- |",
-        f"| exported sliced model, batch 1 | {result.accuracy:.4f} |",
-        f"| masked dense network (GateMode.EVAL), batch 1 | {result.masked_dense_accuracy:.4f} |",
-        f"| masked dense network, whole query set as one batch (the run's evaluation; "
-        f"norm uses batch statistics) | {result.batch_accuracy:.4f} |",
+        f"| exported sliced model, one image at a time | {result.accuracy:.4f} |",
+        f"| masked dense network (GateMode.EVAL), one image at a time | "
+        f"{result.masked_dense_accuracy:.4f} |",
+        f"| the run's reported accuracy for this node (task_accuracy.json) | {reported} |",
+        f"| transductive: norm statistics of the whole query batch | "
+        f"{result.transductive_accuracy:.4f} |",
         "",
         f"sliced vs masked dense, batch 1: max |logit difference| "
         f"{result.max_logit_difference:.2e}, same open channels: {result.masks_equal}",
@@ -213,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(result))
     if args.out is not None:
         print(f"wrote {args.out}")
+    reported = "nan" if result.reported is None else f"{result.reported:.6f}"
+    print(f"RESULT accuracy={result.accuracy:.6f} reported={reported}")
     if result.accuracy != result.masked_dense_accuracy or not result.masks_equal:
         print("error: the sliced model disagrees with the masked dense network", file=sys.stderr)
         return 1

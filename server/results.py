@@ -22,6 +22,7 @@ SUMMARY_KEYS = (
     "rounds",
     "accuracy",
     "accuracy_ci95",
+    "accuracy_transductive",
     "accuracy_before",
     "flops_ratio",
     "macs",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,11 @@ import gating.deploy.sliced as sliced_module
 from conf.schema import default_config
 from gating.deploy import SlicedGatedNet, load_model, native_available, save_model
 from gating.export import adapt_node, export_run, main
+from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation
-from gating.model import GatedConvNet, GateMode, ModelSpec, dense_macs, realized_macs
+from gating.federated.settings import regularizer_weight
+from gating.model import GatedConvNet, GateMode, ModelSpec, NormStats, dense_macs, realized_macs
 
 NATIVE, WHY = native_available()
 BACKENDS = [
@@ -51,10 +55,28 @@ def params_of(model: GatedConvNet) -> dict[str, torch.Tensor]:
 COMPARED = {"yes": 0, "no": 0}
 
 
+def frozen_statistics(model: GatedConvNet, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel statistics of a random 'support set' of 10 inputs, as a metabn node freezes
+    them after Adapt."""
+    spec = model.spec
+    generator = torch.Generator().manual_seed(seed)
+    support = torch.randn(
+        10, spec.in_channels, spec.image_size, spec.image_size, generator=generator
+    )
+    with torch.no_grad():
+        trace = model(support, mode=GateMode.EVAL).trace
+    return [(layer.mean.flatten(), layer.var.flatten()) for layer in trace]
+
+
+def stats_of(sliced: SlicedGatedNet) -> NormStats:
+    """What the masked dense network must use to compute what ``sliced`` computes."""
+    return NormStats() if sliced.statistics is None else NormStats(frozen=sliced.statistics)
+
+
 def check_equal(model: GatedConvNet, sliced: SlicedGatedNet, x: torch.Tensor) -> list[int]:
     """Logits and open channels of one input equal the masked dense network's."""
     with torch.no_grad():
-        out = model(x, mode=GateMode.EVAL)
+        out = model(x, mode=GateMode.EVAL, stats=stats_of(sliced))
     logits, opened = sliced.forward_with_open(x)
     masks = [np.flatnonzero(layer.mask[0].numpy()) for layer in out.trace]
     margin = min(float((layer.prob[0] - 0.5).abs().min()) for layer in out.trace)
@@ -69,27 +91,30 @@ def check_equal(model: GatedConvNet, sliced: SlicedGatedNet, x: torch.Tensor) ->
     return [len(o) for o in opened]
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["support-stats", "own-stats"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(SPECS))
-def test_sliced_equals_masked_dense_random(name, backend):
+def test_sliced_equals_masked_dense_random(name, backend, frozen):
     spec = SPECS[name]
     opened = []
     for seed in range(3):
         model = random_gated(spec, seed)
-        sliced = SlicedGatedNet(spec, params_of(model), backend=backend)
+        statistics = frozen_statistics(model, seed) if frozen else None
+        sliced = SlicedGatedNet(spec, params_of(model), backend=backend, statistics=statistics)
         assert sliced.backend == backend
         for _ in range(4):
             x = torch.randn(1, spec.in_channels, spec.image_size, spec.image_size)
             opened.append(check_equal(model, sliced, x))
             with torch.no_grad():
-                dense = model(x, mode=GateMode.OFF).logits
+                dense = model(x, mode=GateMode.OFF, stats=stats_of(sliced)).logits
             torch.testing.assert_close(sliced.forward_dense(x), dense, **TOL)
     counts = np.array(opened)
     assert (counts < spec.width).any() and (counts > 0).all()  # genuinely sliced
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["support-stats", "own-stats"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_layers_all_closed_or_all_open(backend):
+def test_layers_all_closed_or_all_open(backend, frozen):
     spec = ModelSpec(in_channels=1, image_size=28, width=12, depth=4)
     x = torch.randn(1, 1, 28, 28)
     for pattern in [(1, -1, 0, 1), (-1, 1, 1, 1), (1, 1, 1, -1), (1, 1, -1, -1), (-1,) * 4]:
@@ -99,7 +124,8 @@ def test_layers_all_closed_or_all_open(backend):
                 if how:  # every channel open (+1) or closed (-1), whatever the input
                     gate.fc2.weight.zero_()
                     gate.fc2.bias.fill_(5.0 * how)
-        sliced = SlicedGatedNet(spec, params_of(model), backend=backend)
+        statistics = frozen_statistics(model, 1) if frozen else None
+        sliced = SlicedGatedNet(spec, params_of(model), backend=backend, statistics=statistics)
         counts = check_equal(model, sliced, x)
         for count, how in zip(counts, pattern, strict=True):
             assert how == 0 or count == (spec.width if how > 0 else 0)
@@ -111,12 +137,16 @@ def test_backends_agree_and_stage_times():
     model = random_gated(spec, 3)
     native = SlicedGatedNet(spec, params_of(model), backend="native")
     reference = SlicedGatedNet(spec, params_of(model), backend="torch")
+    statistics = frozen_statistics(model, 3)
+    native_frozen = SlicedGatedNet(spec, params_of(model), "native", statistics)
+    reference_frozen = SlicedGatedNet(spec, params_of(model), "torch", statistics)
     for _ in range(5):
         x = torch.randn(1, 1, 28, 28)
         a, opened_a = native.forward_with_open(x)
         b, opened_b = reference.forward_with_open(x)
         torch.testing.assert_close(a, b, **TOL)
         assert [o.tolist() for o in opened_a] == [o.tolist() for o in opened_b]
+        torch.testing.assert_close(native_frozen(x), reference_frozen(x), **TOL)
     stages = native.stage_times(x)
     assert list(stages)[:4] == ["input", "L0.gate", "L0.conv", "L0.norm_pool"]
     assert list(stages)[-1] == "head" and all(v >= 0 for v in stages.values())
@@ -151,11 +181,15 @@ def test_rejects_wrong_parameters_and_inputs():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_save_load_round_trip(tmp_path, backend):
     spec = SPECS["rgb-odd-21"]
-    sliced = SlicedGatedNet(spec, params_of(random_gated(spec, 1)), backend=backend)
+    model = random_gated(spec, 1)
+    statistics = frozen_statistics(model, 1)
+    sliced = SlicedGatedNet(spec, params_of(model), backend=backend, statistics=statistics)
     path = tmp_path / "model.pt"
     save_model(sliced, path, partition=3, classes=[4, 1, 0, 2])
     loaded = load_model(path, backend=backend)
     assert loaded.spec == spec and loaded.metadata == {"partition": 3, "classes": [4, 1, 0, 2]}
+    for (mean, var), (m, v) in zip(statistics, loaded.statistics, strict=True):
+        assert torch.equal(mean, m) and torch.equal(var, v)
     for _ in range(4):
         x = torch.randn(1, 3, 21, 21)
         a, opened_a = sliced.forward_with_open(x)
@@ -218,19 +252,32 @@ def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
     run.mkdir()
     OmegaConf.save(cfg, run / "config.yaml")
     torch.save({"round": rounds, "strategy": {"params": params}}, run / "checkpoint.pt")
+    # What the ClientApp reports for each target node at the final evaluation.
+    weight = regularizer_weight(cfg, rounds)
+    reported = {
+        str(p): evaluate_node(
+            cfg, node_task(cfg, {"partition-id": p, "num-partitions": 6}), params, rounds, weight
+        )["accuracy"]
+        for p in (4, 5)
+    }
+    (run / "task_accuracy.json").write_text(json.dumps(reported))
     out = tmp_path / "node5.pt"
     result = export_run(run, 5, out)
+    assert result.accuracy == result.reported == reported["5"]
     loaded = load_model(out)
     assert loaded.metadata["partition"] == 5 and loaded.metadata["server_round"] == rounds
     assert loaded.metadata["query_accuracy"] == result.accuracy
     assert loaded.metadata["classes"] == result.classes
+    assert loaded.statistics is not None  # metabn: the frozen support statistics travel along
     x = node_task(cfg, {"partition-id": 5, "num-partitions": 6}).fixed_episode().query_x[:3]
     for i in range(3):
         assert torch.equal(loaded(x[i : i + 1]), result.model(x[i : i + 1]))
 
     assert main([str(run), "--partition", "4", "--out", str(tmp_path / "node4.pt")]) == 0
     printed = capsys.readouterr().out
-    assert "exported sliced model, batch 1" in printed and "node4.pt" in printed
+    assert "exported sliced model, one image at a time" in printed and "node4.pt" in printed
+    last = printed.strip().splitlines()[-1]
+    assert last == f"RESULT accuracy={reported['4']:.6f} reported={reported['4']:.6f}"
     assert main([str(tmp_path / "missing")]) == 2
 
 

@@ -40,6 +40,7 @@ static inline float hsum(vf v) {
 
 typedef struct {
     int depth, width, in_channels, image, classes, hidden, kk;
+    int frozen;           /* 1: gamma and beta are a frozen norm's scale and shift */
     const float **conv;   /* per layer (width, c_in*kk*kk) */
     const float **gamma, **beta;
     const float **w1t;    /* per layer (c_in, hidden): gate fc1 transposed */
@@ -89,12 +90,13 @@ EXPORT void net_free(Net *n) {
 
 /* ptrs per layer: conv, gamma, beta, w1t, b1, w2t, b2; then head_w, head_b. The arrays stay
  * owned by the caller and must outlive the Net. */
-EXPORT Net *net_new(int depth, int width, int in_channels, int image, int classes, int hidden, int kk,
-             const float **ptrs, int32_t *opened, int32_t *counts) {
+EXPORT Net *net_new(int depth, int width, int in_channels, int image, int classes, int hidden,
+                    int kk, int frozen, const float **ptrs, int32_t *opened, int32_t *counts) {
     Net *n = (Net *)calloc(1, sizeof(Net));
     if (!n) return NULL;
     n->depth = depth; n->width = width; n->in_channels = in_channels; n->image = image;
     n->classes = classes; n->hidden = hidden; n->kk = kk; n->opened = opened; n->counts = counts;
+    n->frozen = frozen;
 #define ALLOC(f, cnt) n->f = (decltype(n->f))calloc((size_t)(cnt), sizeof(*n->f))
     ALLOC(conv, depth); ALLOC(gamma, depth); ALLOC(beta, depth); ALLOC(w1t, depth);
     ALLOC(b1, depth); ALLOC(w2t, depth); ALLOC(b2, depth); ALLOC(side, depth + 1);
@@ -217,16 +219,17 @@ static void conv_open(const float *restrict xp, int n_in, const int32_t *in_idx,
     }
 }
 
-/* Norm (the channel's own mean and variance over its s*s valid positions), 2x2 ceil-mode
- * max-pool and ReLU of one conv output row; writes the pooled channel with row stride `ld` into
- * dst and returns its sum (the next gate's average pool). Pooling runs on the raw values (max,
- * or min where the norm's scale is negative) and the affine map once per pooled value: a
- * monotone map commutes with max, so this equals norm -> ReLU -> pool. */
-static float norm_pool(const float *restrict row, const float *restrict valid, int s, int sp,
-                       float gamma, float beta, float *restrict dst, int ld,
-                       float *restrict tmp) {
-    /* One vectorized pass: junk columns are multiplied by 0; values are shifted by the first
-     * one against cancellation. */
+/* The channel's norm as an affine map: given (frozen statistics: gamma and beta are already
+ * its scale and shift), or from the channel's own mean and variance over its s*s valid
+ * positions (one vectorized pass: junk columns are multiplied by 0; values are shifted by the
+ * first one against cancellation). */
+static void norm_affine(const float *restrict row, const float *restrict valid, int s, int sp,
+                        float gamma, float beta, int frozen, float *scale, float *shift) {
+    if (frozen) {
+        *scale = gamma;
+        *shift = beta;
+        return;
+    }
     const int count = s * s, span = s * sp;
     const float first = row[0];
     vf s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};
@@ -244,8 +247,19 @@ static float norm_pool(const float *restrict row, const float *restrict valid, i
     float var = hsum(q0 + q1) / count - shifted * shifted;
     var = var > 0.f ? var : 0.f;
     const float mean = first + shifted;
-    const float scale = gamma / sqrtf(var + 1e-5f);
-    const float shift = beta - mean * scale;
+    *scale = gamma / sqrtf(var + 1e-5f);
+    *shift = beta - mean * *scale;
+}
+
+/* Norm, 2x2 ceil-mode max-pool and ReLU of one conv output row; writes the pooled channel with
+ * row stride `ld` into dst and returns its sum (the next gate's average pool). Pooling runs on
+ * the raw values (max, or min where the norm's scale is negative) and the affine map once per
+ * pooled value: a monotone map commutes with max, so this equals norm -> ReLU -> pool. */
+static float norm_pool(const float *restrict row, const float *restrict valid, int s, int sp,
+                       float gamma, float beta, int frozen, float *restrict dst, int ld,
+                       float *restrict tmp) {
+    float scale, shift;
+    norm_affine(row, valid, s, sp, gamma, beta, frozen, &scale, &shift);
     const int s2 = (s + 1) / 2;
     const float sign = scale < 0.f ? -1.f : 1.f, mag = scale * sign;
     float total = 0.f;
@@ -357,7 +371,7 @@ EXPORT int net_forward(Net *n, const float *restrict x, float *restrict logits, 
             float *dst = last ? n->feat + (size_t)j * s2 * s2
                               : n->xp[l + 1] + (size_t)j * plane2 + pad * sp2 + pad;
             const float total = norm_pool(n->out + (size_t)j * n->ldo, n->valid[l], s, sp,
-                                          n->gamma[l][o], n->beta[l][o], dst,
+                                          n->gamma[l][o], n->beta[l][o], n->frozen, dst,
                                           last ? s2 : sp2, n->tmp);
             n->gap[j] = total / (s2 * s2);
         }

@@ -1,7 +1,9 @@
 """The deployment file of an adapted node: one torch file a node loads without running code.
 
-It holds the format tag, the model spec as a dict, the parameters and plain metadata (where the
-model came from, its accuracy, ...); :func:`load_model` reads it with ``weights_only=True``.
+It holds the format tag, the model spec as a dict, the parameters, the norms' frozen statistics
+(``metabn``: the node's support statistics; absent when each input uses its own) and plain
+metadata (where the model came from, its accuracy, ...). :func:`load_model` reads it with
+``weights_only=True``, so loading runs no code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from gating.deploy.sliced import SlicedGatedNet
 from gating.model import ModelSpec
 
-FORMAT = "metagater-sliced/1"
+FORMAT = "metagater-sliced/2"
 
 
 def save_model(model: SlicedGatedNet, path: str | os.PathLike[str], **metadata: Any) -> None:
@@ -24,6 +26,7 @@ def save_model(model: SlicedGatedNet, path: str | os.PathLike[str], **metadata: 
             "format": FORMAT,
             "spec": dataclasses.asdict(model.spec),
             "params": model.params,
+            "statistics": None if model.statistics is None else [list(s) for s in model.statistics],
             "metadata": dict(metadata),
         },
         path,
@@ -37,6 +40,12 @@ def load_model(path: str | os.PathLike[str], backend: str = "auto") -> SlicedGat
         raise ValueError(f"{path} is not a readable exported sliced model: {error}") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not an exported sliced model ({FORMAT})")
-    model = SlicedGatedNet(ModelSpec(**state["spec"]), state["params"], backend=backend)
+    statistics = state.get("statistics")
+    model = SlicedGatedNet(
+        ModelSpec(**state["spec"]),
+        state["params"],
+        backend=backend,
+        statistics=None if statistics is None else [tuple(s) for s in statistics],
+    )
     model.metadata = dict(state.get("metadata", {}))
     return model

@@ -61,7 +61,7 @@ def native_library() -> tuple[ctypes.CDLL | None, str]:
     except Exception as error:  # no compiler, no ninja, a failed build: the torch backend runs
         return None, f"building the C++ engine failed: {str(error).strip()[-500:]}"
     lib.net_new.restype = ctypes.c_void_p
-    lib.net_new.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 3
+    lib.net_new.argtypes = [ctypes.c_int] * 8 + [ctypes.c_void_p] * 3
     lib.net_forward.restype = ctypes.c_int
     lib.net_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.net_free.restype = None
@@ -80,7 +80,15 @@ def native_available() -> tuple[bool, str]:
 class NativeNet:
     """The engine's view of one network: owns the weight arrays the engine points into."""
 
-    def __init__(self, lib: ctypes.CDLL, spec: ModelSpec, params: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        spec: ModelSpec,
+        params: Mapping[str, Tensor],
+        affine: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """``affine``: per layer the frozen norm's ``(scale, shift)``; None: each input's own
+        statistics (then gamma and beta go in their place)."""
         self._lib = lib
         self._keep: list[np.ndarray] = []
         pointers: list[int] = []
@@ -92,8 +100,12 @@ class NativeNet:
 
         for i in range(spec.depth):
             add(params[f"backbone.blocks.{i}.conv.weight"].numpy().reshape(spec.width, -1))
-            add(params[f"backbone.blocks.{i}.norm.weight"].numpy())
-            add(params[f"backbone.blocks.{i}.norm.bias"].numpy())
+            if affine is None:
+                add(params[f"backbone.blocks.{i}.norm.weight"].numpy())
+                add(params[f"backbone.blocks.{i}.norm.bias"].numpy())
+            else:
+                add(affine[i][0].numpy())
+                add(affine[i][1].numpy())
             add(params[f"gate.{i}.fc1.weight"].numpy().T)  # (C_in, hidden)
             add(params[f"gate.{i}.fc1.bias"].numpy())
             add(params[f"gate.{i}.fc2.weight"].numpy().T)  # (hidden, C_out)
@@ -111,6 +123,7 @@ class NativeNet:
             spec.num_classes,
             spec.gate_hidden,
             spec.kernel_size,
+            int(affine is not None),
             table,
             self.opened.ctypes.data,
             self.counts.ctypes.data,

@@ -26,7 +26,7 @@ one instance are serialized by a lock (use one instance per thread for parallel 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,8 @@ from gating.model.norm import EPS as NORM_EPS
 BACKENDS = ("auto", "native", "torch")
 
 Params = Mapping[str, Tensor]
+#: Per gated layer, each channel's frozen ``(mean, var)`` (see ``gating.model.norm``).
+Statistics = Sequence[tuple[Tensor, Tensor]]
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -53,10 +55,12 @@ class _Layer:
     # (C_out, C_in*k*k + 2 + E): per output channel its conv weight row, norm gamma, norm beta,
     # then E extra values indexed by this channel: the next gate's fc1 column (hidden values)
     # or, for the last layer, the head weights of this channel's features (S x classes).
+    # With frozen statistics gamma and beta are the whole norm's scale and shift instead.
     rows: Tensor
     weight: Tensor  # (C_out, C_in, k, k) contiguous, for the dense path
     gamma: Tensor  # (C_out,)
     beta: Tensor  # (C_out,)
+    frozen: bool  # gamma, beta are the norm's affine map (frozen statistics, conv bias folded)
     w1t: Tensor  # (C_in, hidden): this gate's fc1, transposed (the first layer's and dense use)
     b1: Tensor  # (hidden,)
     w2t: Tensor  # (hidden, C_out): this gate's fc2, transposed
@@ -76,7 +80,30 @@ def _pool(x: Tensor, even: bool) -> Tensor:
     return F.max_pool2d(x, 2, ceil_mode=True)
 
 
-def _torch_layers(spec: ModelSpec, p: Params) -> list[_Layer]:
+def _norm(y: Tensor, gamma: Tensor, beta: Tensor, frozen: bool) -> Tensor:
+    """The norm of conv outputs ``y`` (1, C, H, W): the frozen affine map, or each channel's
+    own statistics (``group_norm`` with one group per channel)."""
+    if frozen:
+        return torch.addcmul(beta[:, None, None], y, gamma[:, None, None])
+    return torch.group_norm(y, y.shape[1], gamma, beta, NORM_EPS)
+
+
+def norm_affine(spec: ModelSpec, p: Params, statistics: Statistics) -> list[tuple[Tensor, Tensor]]:
+    """Per layer the ``(scale, shift)`` that frozen statistics make of norm and conv bias:
+    ``norm(conv(x) + b) = conv(x) * scale + shift`` (the engines leave the conv bias out)."""
+    affine = []
+    for i, (mean, var) in enumerate(statistics):
+        gamma = p[f"backbone.blocks.{i}.norm.weight"]
+        scale = gamma * torch.rsqrt(var.to(gamma.dtype) + NORM_EPS)
+        bias = p[f"backbone.blocks.{i}.conv.bias"]
+        shift = p[f"backbone.blocks.{i}.norm.bias"] + (bias - mean.to(gamma.dtype)) * scale
+        affine.append((scale, shift))
+    return affine
+
+
+def _torch_layers(
+    spec: ModelSpec, p: Params, affine: list[tuple[Tensor, Tensor]] | None
+) -> list[_Layer]:
     k = spec.kernel_size
     side = spec.layer_sizes()
     head_spatial = side[-1] ** 2
@@ -87,8 +114,10 @@ def _torch_layers(spec: ModelSpec, p: Params) -> list[_Layer]:
     layers = []
     for i in range(spec.depth):
         conv = p[f"backbone.blocks.{i}.conv.weight"]
-        gamma = p[f"backbone.blocks.{i}.norm.weight"]
-        beta = p[f"backbone.blocks.{i}.norm.bias"]
+        if affine is None:
+            gamma, beta = p[f"backbone.blocks.{i}.norm.weight"], p[f"backbone.blocks.{i}.norm.bias"]
+        else:
+            gamma, beta = affine[i]
         extra = p[f"gate.{i + 1}.fc1.weight"].t() if i + 1 < spec.depth else head_rows
         rows = torch.cat([conv.reshape(spec.width, -1), gamma[:, None], beta[:, None], extra], 1)
         layers.append(
@@ -97,6 +126,7 @@ def _torch_layers(spec: ModelSpec, p: Params) -> list[_Layer]:
                 weight=conv.contiguous(),
                 gamma=gamma.contiguous(),
                 beta=beta.contiguous(),
+                frozen=affine is not None,
                 w1t=p[f"gate.{i}.fc1.weight"].t().contiguous(),
                 b1=p[f"gate.{i}.fc1.bias"].contiguous(),
                 w2t=p[f"gate.{i}.fc2.weight"].t().contiguous(),
@@ -121,16 +151,28 @@ class SlicedGatedNet:
     :meth:`forward_dense` runs the plain backbone (no gates, every channel) with the same
     kernels: the fair dense baseline for latency comparisons.
 
-    ``backend``: ``"native"`` (the C engine; an error if it cannot be built), ``"torch"``, or
-    ``"auto"`` (native where it builds, else torch with a warning).
+    ``statistics``: the norms' frozen per-channel ``(mean, var)`` per layer (a ``metabn``
+    node's support statistics); None normalizes each input with its own statistics.
+    ``backend``: ``"native"`` (the C++ engine; an error if it cannot be built), ``"torch"``,
+    or ``"auto"`` (native where it builds, else torch with a warning).
     """
 
-    def __init__(self, spec: ModelSpec, params: Params, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        params: Params,
+        backend: str = "auto",
+        statistics: Statistics | None = None,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = spec
         self.params = {name: t.detach().to(torch.float32).clone() for name, t in params.items()}
         _check_params(spec, self.params)
+        self.statistics = None if statistics is None else _checked_statistics(spec, statistics)
+        affine = (
+            None if self.statistics is None else norm_affine(spec, self.params, self.statistics)
+        )
         self.metadata: dict[str, object] = {}  # what save() stored alongside, if loaded
         self._input_shape = (1, spec.in_channels, spec.image_size, spec.image_size)
         self._pad = spec.kernel_size // 2
@@ -138,7 +180,7 @@ class SlicedGatedNet:
         if backend != "torch":
             lib, reason = native_library()
             if lib is not None:
-                self._native = NativeNet(lib, spec, self.params)
+                self._native = NativeNet(lib, spec, self.params, affine)
             elif backend == "native":
                 raise RuntimeError(f"the native backend is unavailable: {reason}")
             else:
@@ -148,7 +190,7 @@ class SlicedGatedNet:
                     stacklevel=2,
                 )
         self.backend = "native" if self._native is not None else "torch"
-        self._layers = _torch_layers(spec, self.params)
+        self._layers = _torch_layers(spec, self.params, affine)
         self._head_bias = self.params["backbone.head.bias"][None].clone()
         self._head_weight_t = self.params["backbone.head.weight"].t().contiguous()
 
@@ -203,14 +245,14 @@ class SlicedGatedNet:
             gamma, beta = sub[:, width], sub[:, width + 1]
             if open_np.size == 0 or x.shape[1] == 0:  # rare; keeps the common path short
                 side = (x.shape[2] + 1) // 2
-                # No open input: the conv output is a constant per channel, the norm gives beta.
+                # No open input: the conv output is a constant per channel, which the norm maps to
+                # beta (own statistics: zero variance), or to the frozen map's shift.
                 x = beta.relu()[None, :, None, None].expand(1, -1, side, side).contiguous()
             else:
                 weight = sub[:, :width].view(-1, layer.in_channels, layer.kernel, layer.kernel)
                 if in_idx is not None:
                     weight = weight.index_select(1, in_idx)
-                y = F.conv2d(x, weight, None, 1, self._pad)
-                y = torch.group_norm(y, y.shape[1], gamma, beta, NORM_EPS)
+                y = _norm(F.conv2d(x, weight, None, 1, self._pad), gamma, beta, layer.frozen)
                 x = _pool(y, layer.even).relu_()
             w1t = sub[:, width + 2 :]
             in_idx = out_idx
@@ -223,8 +265,7 @@ class SlicedGatedNet:
         x = x.to(torch.float32)
         for layer in self._layers:
             y = F.conv2d(x, layer.weight, None, 1, self._pad)
-            y = torch.group_norm(y, y.shape[1], layer.gamma, layer.beta, NORM_EPS)
-            x = _pool(y, layer.even).relu_()
+            x = _pool(_norm(y, layer.gamma, layer.beta, layer.frozen), layer.even).relu_()
         return torch.addmm(self._head_bias, x.reshape(1, -1), self._head_weight_t)
 
     def stage_times(self, x: Tensor, dense: bool = False) -> dict[str, float]:
@@ -273,3 +314,19 @@ def _check_params(spec: ModelSpec, params: Params) -> None:
             if names
         )
         raise ValueError(f"parameters do not match the model spec {spec} ({detail})")
+
+
+def _checked_statistics(spec: ModelSpec, statistics: Statistics) -> list[tuple[Tensor, Tensor]]:
+    checked = [
+        (mean.detach().to(torch.float32).flatten(), var.detach().to(torch.float32).flatten())
+        for mean, var in statistics
+    ]
+    shapes = [(tuple(m.shape), tuple(v.shape)) for m, v in checked]
+    if len(checked) != spec.depth or any(s != ((spec.width,), (spec.width,)) for s in shapes):
+        raise ValueError(
+            f"statistics must be (mean, var) of {spec.width} channels for each of "
+            f"{spec.depth} layers, got shapes {shapes}"
+        )
+    if not all(torch.isfinite(m).all() and (v >= 0).all() for m, v in checked):
+        raise ValueError("statistics must be finite, with non-negative variances")
+    return checked

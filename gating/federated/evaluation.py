@@ -23,6 +23,7 @@ from gating.stats import mean_ci95
 #: The evaluation metrics a target node reports (all floats but ``layer-active``, a list).
 NODE_METRICS = (
     "accuracy",
+    "accuracy-transductive",
     "accuracy-before",
     "loss",
     "flops-ratio",
@@ -52,6 +53,7 @@ def evaluate_node(
     dense = float(dense_macs(spec))
     return {
         "accuracy": after["accuracy"],
+        "accuracy-transductive": after["accuracy_transductive"],
         "accuracy-before": before["accuracy"],
         "loss": after["loss"],
         "flops-ratio": after["flops_ratio"],
@@ -77,6 +79,7 @@ def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     return {
         "accuracy": accuracy,
         "accuracy_ci95": ci95,
+        "accuracy_transductive": mean("accuracy-transductive"),
         "accuracy_before": mean("accuracy-before"),
         "flops_ratio": mean("flops-ratio"),
         "macs": mean("macs"),

@@ -94,6 +94,7 @@ def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
         reg_where=cfg.gating.where,
         temperature=cfg.gating.temperature,
         train_gates=cfg.gating.train_gates,
+        norm=cfg.model.norm,
     )
 
 

@@ -6,6 +6,10 @@
 (``gate_first`` swaps the stages). The meta-gradient is d L(theta', phi'; Q) / d(theta, phi)
 through the adaptation: second order by default; ``first_order`` treats the inner gradients as
 constants (FOMAML), so it is the query gradient at the adapted parameters.
+
+Norm statistics follow ``MetaConfig.norm`` (see ``gating.model.norm``): with ``metabn`` every
+loss and prediction on queries normalizes with the statistics of the node's support set, in
+training exactly as at a deployed node; the inner steps see the support set itself.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from conf.choices import AdaptOrder, RegularizerWhere, TrainGates
+from conf.choices import AdaptOrder, NormKind, RegularizerWhere, TrainGates
 from gating.model import (
     BACKBONE,
     GATE,
@@ -31,6 +35,7 @@ from gating.model import (
     group_of,
     realized_macs,
 )
+from gating.model.norm import BATCH, NormStats
 
 Params = dict[str, Tensor]
 
@@ -50,6 +55,7 @@ class MetaConfig:
     reg_where: RegularizerWhere = RegularizerWhere.both
     temperature: float = 2 / 3
     train_gates: TrainGates = TrainGates.hard  # during adaptation and the query loss
+    norm: NormKind = NormKind.metabn  # where query predictions take norm statistics from
 
     @property
     def train_mode(self) -> GateMode:
@@ -74,17 +80,53 @@ class Batch:
     y: Tensor
 
 
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """The share of correct predictions, as an exact fraction (not a float32 mean)."""
+    return int((logits.argmax(1) == labels).sum()) / len(labels)
+
+
 def forward(
-    model: GatedConvNet, params: Params, x: Tensor, mode: GateMode, cfg: MetaConfig
+    model: GatedConvNet,
+    params: Params,
+    x: Tensor,
+    mode: GateMode,
+    cfg: MetaConfig,
+    stats: NormStats = BATCH,
 ) -> GatedOutput:
-    return functional_call(model, params, (x,), {"mode": mode, "temperature": cfg.temperature})
+    kwargs = {"mode": mode, "temperature": cfg.temperature, "stats": stats}
+    return functional_call(model, params, (x,), kwargs)
+
+
+def query_forward(
+    model: GatedConvNet,
+    params: Params,
+    x: Tensor,
+    mode: GateMode,
+    cfg: MetaConfig,
+    support_x: Tensor | None,
+) -> GatedOutput:
+    """Predictions on queries ``x``: with ``metabn`` and a support set, the support set runs
+    first in the same pass and the norms take its statistics (the queries do not see each
+    other); otherwise the norms use the batch ``x`` itself."""
+    if support_x is None or cfg.norm is NormKind.batch:
+        return forward(model, params, x, mode, cfg)
+    n = len(support_x)
+    out = forward(model, params, torch.cat([support_x, x]), mode, cfg, NormStats(rows=n))
+    return GatedOutput(out.logits[n:], [layer.rows(n) for layer in out.trace])
 
 
 def task_loss(
-    model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig, regularize: bool
+    model: GatedConvNet,
+    params: Params,
+    batch: Batch,
+    cfg: MetaConfig,
+    regularize: bool,
+    support: Batch | None = None,
 ) -> tuple[Tensor, GatedOutput]:
-    """L = CE + lambda * R, R from the soft gate probabilities (only where gating is on)."""
-    out = forward(model, params, batch.x, cfg.train_mode, cfg)
+    """L = CE + lambda * R, R from the soft gate probabilities (only where gating is on).
+    ``support``: the node's support set, whose statistics the norms take (``metabn``)."""
+    support_x = None if support is None else support.x
+    out = query_forward(model, params, batch.x, cfg.train_mode, cfg, support_x)
     loss = F.cross_entropy(out.logits, batch.y)
     if cfg.gating and regularize and cfg.reg_weight > 0:
         loss = loss + cfg.reg_weight * gate_regularizer(model.spec, out.trace, cfg.target_ratio)
@@ -170,24 +212,49 @@ def meta_gradients(
         wrt = adapted
     else:
         wrt = params
-    loss, out = task_loss(model, adapted, query, cfg, regularize=cfg.outer_regularized)
+    loss, out = task_loss(model, adapted, query, cfg, cfg.outer_regularized, support)
     grads = torch.autograd.grad(loss, [wrt[n] for n in learnable], allow_unused=True)
     meta = {
         name: torch.zeros_like(params[name]) if grad is None else grad.detach()
         for name, grad in zip(learnable, grads, strict=True)
     }
-    accuracy = float((out.logits.argmax(1) == query.y).float().mean())
-    return MetaStep(meta, float(loss.detach()), accuracy, flops_ratio(model.spec, out.trace))
+    correct = accuracy(out.logits, query.y)
+    return MetaStep(meta, float(loss.detach()), correct, flops_ratio(model.spec, out.trace))
+
+
+@torch.no_grad()
+def support_statistics(
+    model: GatedConvNet, params: Params, support_x: Tensor, cfg: MetaConfig
+) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the ``(mean, var)`` of each channel over the support set, deterministic gates:
+    what a ``metabn`` node freezes after ``Adapt`` for all its later inputs."""
+    out = forward(model, params, support_x, cfg.eval_mode, cfg)
+    return [(layer.mean.flatten(), layer.var.flatten()) for layer in out.trace]
+
+
+def deployed_stats(
+    model: GatedConvNet, params: Params, support_x: Tensor, cfg: MetaConfig
+) -> NormStats:
+    """The statistics a deployed node classifies with, one input at a time: the frozen support
+    statistics (``metabn``), or each input's own (``batch``, the MAML norm at batch size 1)."""
+    if cfg.norm is NormKind.batch:
+        return NormStats(per_input=True)
+    return NormStats(frozen=support_statistics(model, params, support_x, cfg))
 
 
 @torch.no_grad()
 def _evaluate(
-    model: GatedConvNet, params: Params, batch: Batch, cfg: MetaConfig
+    model: GatedConvNet, params: Params, support: Batch, query: Batch, cfg: MetaConfig
 ) -> dict[str, object]:
-    out = forward(model, params, batch.x, cfg.eval_mode, cfg)
+    """Query metrics as a deployed node gets them (one input at a time), and the transductive
+    accuracy (norm statistics of the whole query batch) beside it for the literature."""
+    stats = deployed_stats(model, params, support.x, cfg)
+    out = forward(model, params, query.x, cfg.eval_mode, cfg, stats)
+    batch = forward(model, params, query.x, cfg.eval_mode, cfg)
     metrics: dict[str, object] = {
-        "accuracy": float((out.logits.argmax(1) == batch.y).float().mean()),
-        "loss": float(F.cross_entropy(out.logits, batch.y)),
+        "accuracy": accuracy(out.logits, query.y),
+        "accuracy_transductive": accuracy(batch.logits, query.y),
+        "loss": float(F.cross_entropy(out.logits, query.y)),
         "flops_ratio": flops_ratio(model.spec, out.trace),
         "layer_active": active_channel_ratios(out.trace),
     }
@@ -205,7 +272,7 @@ def evaluate_adaptation(
 ) -> dict[str, object]:
     """What a new node gets: query metrics of the meta-init and of one Adapt on its support set."""
     params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
-    before = _evaluate(model, params, query, cfg)
+    before = _evaluate(model, params, support, query, cfg)
     adapted = {n: p.detach() for n, p in adapt(model, params, support, cfg).items()}
-    after = _evaluate(model, adapted, query, cfg)
+    after = _evaluate(model, adapted, support, query, cfg)
     return {"before": before, "after": after}

@@ -16,7 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from gating.meta.adapt import Batch, MetaConfig, MetaStep, Params, stages, task_loss
+from gating.meta.adapt import (
+    Batch,
+    MetaConfig,
+    MetaStep,
+    Params,
+    accuracy,
+    stages,
+    task_loss,
+)
 from gating.model import BACKBONE, GatedConvNet, LayerTrace, flops_ratio, group_of
 
 
@@ -48,8 +56,8 @@ def _task_fn(model: GatedConvNet, learnable: list[str], cfg: MetaConfig) -> Call
     """One task's (meta-gradient, (query loss, query logits, gate masks)) as a pure function."""
     outer_reg = cfg.outer_regularized
 
-    def query_loss(adapted: Params, query: Batch) -> tuple[Tensor, tuple]:
-        loss, out = task_loss(model, adapted, query, cfg, outer_reg)
+    def query_loss(adapted: Params, query: Batch, support: Batch) -> tuple[Tensor, tuple]:
+        loss, out = task_loss(model, adapted, query, cfg, outer_reg, support)
         masks = [layer.mask.detach() for layer in out.trace] if cfg.gating else []
         return loss, (loss.detach(), out.logits.detach(), masks)
 
@@ -61,14 +69,14 @@ def _task_fn(model: GatedConvNet, learnable: list[str], cfg: MetaConfig) -> Call
             rest = {name: p for name, p in adapted.items() if name not in learnable}
 
             def at_adapted(sub: Params) -> tuple[Tensor, tuple]:
-                return query_loss({**rest, **sub}, query)
+                return query_loss({**rest, **sub}, query, support)
 
             return torch.func.grad(at_adapted, has_aux=True)(
                 {name: adapted[name] for name in learnable}
             )
 
         def through_adapt(sub: Params) -> tuple[Tensor, tuple]:
-            return query_loss(adapt(model, {**fixed, **sub}, support, cfg), query)
+            return query_loss(adapt(model, {**fixed, **sub}, support, cfg), query, support)
 
         return torch.func.grad(through_adapt, has_aux=True)(
             {name: params[name] for name in learnable}
@@ -101,12 +109,12 @@ def meta_gradients_batched(
     steps = []
     for index in range(len(episodes)):
         trace = [LayerTrace(mask=m[index], prob=None) for m in masks]
-        accuracy = (logits[index].argmax(1) == query_y[index]).float().mean()
+        correct = accuracy(logits[index], query_y[index])
         steps.append(
             MetaStep(
                 grads={name: grads[name][index] for name in learnable},
                 query_loss=float(losses[index]),
-                query_accuracy=float(accuracy),
+                query_accuracy=correct,
                 flops_ratio=flops_ratio(model.spec, trace) if cfg.gating else 1.0,
             )
         )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gating.meta.adapt import Batch, MetaConfig, Params, forward
+from gating.meta.adapt import Batch, MetaConfig, Params, accuracy, forward
 from gating.model import BACKBONE, GatedConvNet, GateMode
 
 
@@ -51,7 +51,7 @@ def _result(
     initial: Mapping[str, Tensor], theta: Params, loss: Tensor, logits: Tensor, y: Tensor
 ) -> LocalStep:
     update = {n: (initial[n] - p).detach() for n, p in theta.items()}
-    return LocalStep(update, float(loss.detach()), float((logits.argmax(1) == y).float().mean()))
+    return LocalStep(update, float(loss.detach()), accuracy(logits, y))
 
 
 def fedavg_update(

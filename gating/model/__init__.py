@@ -12,6 +12,7 @@ from gating.model.macs import (
     layer_costs,
     realized_macs,
 )
+from gating.model.norm import NormStats
 from gating.model.spec import (
     BACKBONE,
     GATE,
@@ -30,6 +31,7 @@ __all__ = [
     "GatedOutput",
     "LayerTrace",
     "ModelSpec",
+    "NormStats",
     "active_channel_ratios",
     "dense_macs",
     "expected_mac_ratio",

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gating.model.gates import ChannelGate, GateMode, gate_values
-from gating.model.norm import BatchStatNorm
+from gating.model.norm import BATCH, NormStats, StatNorm
 from gating.model.spec import GatedOutput, LayerTrace, ModelSpec
 
 
@@ -18,10 +18,14 @@ class ConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
-        self.norm = BatchStatNorm(out_channels)
+        self.norm = StatNorm(out_channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.norm(self.conv(x)))
+    def forward(
+        self, x: Tensor, stats: NormStats = BATCH, layer: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Features and the ``(mean, var)`` the norm used."""
+        normed, mean, var = self.norm(self.conv(x), stats, layer)
+        return F.relu(normed), mean, var
 
 
 class Backbone(nn.Module):
@@ -57,21 +61,23 @@ class GatedConvNet(nn.Module):
         mode: GateMode | str = GateMode.HARD,
         temperature: float = 2 / 3,
         masks: list[Tensor] | None = None,
+        stats: NormStats = BATCH,
     ) -> GatedOutput:
         """``masks`` (one (B, C_out) or (C_out,) tensor per layer) overrides the gates' decisions,
-        e.g. to close chosen channels; the gate MLPs still run so their cost is still paid."""
+        e.g. to close chosen channels; the gate MLPs still run so their cost is still paid.
+        ``stats`` says where the norms take their statistics from (default: the batch)."""
         mode = GateMode(mode)
         trace: list[LayerTrace] = []
         for index, (block, gate) in enumerate(zip(self.backbone.blocks, self.gate, strict=True)):
-            features = block(x)
+            features, mean, var = block(x, stats, index)
             if mode is GateMode.OFF:
-                trace.append(LayerTrace(mask=None, prob=None))
+                trace.append(LayerTrace(mask=None, prob=None, mean=mean, var=var))
             else:
                 logits = gate(x)
                 mask = gate_values(logits, mode, temperature)
                 if masks is not None:
                     mask = masks[index].to(features.dtype).expand_as(mask)
                 features = features * mask[:, :, None, None]
-                trace.append(LayerTrace(mask=mask, prob=logits.sigmoid()))
+                trace.append(LayerTrace(mask, logits.sigmoid(), mean, var))
             x = F.max_pool2d(features, 2, ceil_mode=True)
         return GatedOutput(logits=self.backbone.head(x.flatten(1)), trace=trace)

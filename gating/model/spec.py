@@ -59,10 +59,22 @@ class ModelSpec:
 
 @dataclass
 class LayerTrace:
-    """What one gated layer did for a batch: enough for MAC accounting and the regularizer."""
+    """What one gated layer did for a batch: enough for MAC accounting, the regularizer, and
+    freezing the norm's statistics."""
 
     mask: Tensor | None  # (B, C_out) realized 0/1 (or relaxed) gate values; None when gating is off
     prob: Tensor | None  # (B, C_out) open probability sigmoid(logit); None when gating is off
+    mean: Tensor | None = None  # the norm's per-channel statistics, broadcastable to (B, C, H, W)
+    var: Tensor | None = None
+
+    def rows(self, start: int) -> LayerTrace:
+        """The trace of inputs ``start:`` (the queries of a support-then-queries batch)."""
+        return LayerTrace(
+            None if self.mask is None else self.mask[start:],
+            None if self.prob is None else self.prob[start:],
+            self.mean,
+            self.var,
+        )
 
 
 @dataclass
