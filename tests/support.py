@@ -1,10 +1,18 @@
-"""What the end-to-end tests share: the environment of the processes they start."""
+"""Plain helpers the test files share (the fixtures built on them are in tests/conftest.py):
+the environment of the processes the end-to-end tests start, a tracker that stops those
+processes with everything they spawned, and a central-difference gradient check."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -20,6 +28,104 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and still the same process: not gone, not a zombie, its PID not reused."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class ProcessTree:
+    """The processes a test started, by name, and every process they spawned.
+
+    Each spawned process is remembered as a ``psutil.Process``, which knows its create time, so a
+    reused PID is never signalled. Call ``track`` whenever new processes may have appeared (after
+    a CLI command, while polling): a process that has spawned and ended in between is not seen.
+    """
+
+    def __init__(self) -> None:
+        self.started: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+        self._roots: dict[str, psutil.Process] = {}
+        self._spawned: dict[str, dict[int, psutil.Process]] = {}
+
+    def start(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        cwd: Path,
+        log: Path | None = None,
+    ) -> subprocess.Popen:
+        """Start ``args`` in ``cwd`` with stdout and stderr to ``log`` (default cwd/NAME.log)."""
+        assert name not in self.started, name
+        log = cwd / f"{name}.log" if log is None else log
+        with log.open("w") as out:
+            proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        self.started[name], self.logs[name], self._spawned[name] = proc, log, {}
+        with contextlib.suppress(psutil.Error):  # exited and reaped already: nothing to track
+            self._roots[name] = psutil.Process(proc.pid)
+        return proc
+
+    def track(self) -> None:
+        """Remember every descendant each started process has now, also the descendants of an
+        earlier descendant whose parent has died since (they now hang off init)."""
+        for name, spawned in self._spawned.items():
+            root = self._roots.get(name)
+            known = [p for p in (root, *spawned.values()) if p is not None and _running(p)]
+            pids = {p.pid for p in known}
+            for parent in known:
+                try:
+                    if parent is not root and parent.ppid() in pids:
+                        continue  # found again through its parent
+                    children = parent.children(recursive=True)
+                except psutil.Error:
+                    continue
+                for child in children:
+                    if child.pid not in spawned or not _running(spawned[child.pid]):
+                        spawned[child.pid] = child
+
+    def alive(self, name: str) -> list[psutil.Process]:
+        """The processes ``name`` spawned that are still running."""
+        return [p for p in self._spawned[name].values() if _running(p)]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one started process and everything it spawned; wait until all are gone,
+        escalating to SIGKILL."""
+        self.track()
+        proc = self.started[name]
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)  # a no-op once the process has been waited for
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        self.track()  # what it spawned while stopping
+        for child_sig in (sig, signal.SIGKILL):
+            for process in self.alive(name):
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(child_sig)  # psutil refuses a reused PID
+            deadline = time.monotonic() + 10
+            while self.alive(name) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        survivors = [p.pid for p in self.alive(name)]
+        assert not survivors, f"{name}: processes {survivors} survived"
+
+    def stop_all(self) -> None:
+        """SIGTERM every started process and its tree, the last started first (SuperNodes before
+        the SuperLink); every one is tried before a survivor fails the test."""
+        self.track()
+        errors = []
+        for name in reversed(list(self.started)):
+            try:
+                self.kill(name, signal.SIGTERM)
+            except AssertionError as error:
+                errors.append(str(error))
+        assert not errors, "; ".join(errors)
 
 
 def assert_matches_central_differences(grads, params, objective, eps: float = 1e-6) -> None:

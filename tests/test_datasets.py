@@ -1,5 +1,6 @@
-"""Dataset loaders on real files: the bundled digits, the Debian Fashion-MNIST package, IDX files,
-Omniglot-style PNG folders and .npz archives written here, and every malformed case."""
+"""Dataset loaders on real files: the bundled digits, the Debian Fashion-MNIST package, and IDX
+files (synthetic bytes), Omniglot-style PNG folders and .npz archives written here, with every
+malformed case."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from gating.data import (
     DATASET_NAMES,
     FASHION_MNIST_DIR,
     DatasetError,
-    ImageDataset,
     load_dataset,
     read_idx,
 )
@@ -51,15 +51,14 @@ def write_idx(path: Path, arr: np.ndarray) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fashion() -> ImageDataset:
-    return load_dataset("fashion_mnist")
-
-
-@pytest.fixture(scope="module")
-def fashion_sample(fashion: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
-    """A few real Fashion-MNIST images back as the uint8 pixels of the original files."""
-    pixels = np.rint(fashion.images[:30, 0] * 255).astype(np.uint8)
-    return pixels, fashion.labels[:30].astype(np.uint8)
+def idx_sample() -> tuple[np.ndarray, np.ndarray]:
+    """What the IDX files of a 30-image MNIST-style folder hold: random 28x28 uint8 pixels (every
+    byte value) and labels 0..9, read-only."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(30, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=30, dtype=np.uint8)
+    pixels.flags.writeable = labels.flags.writeable = False
+    return pixels, labels
 
 
 def write_idx_folder(folder: Path, images: np.ndarray, labels: np.ndarray, gz: bool) -> Path:
@@ -157,8 +156,8 @@ def test_bad_image_size() -> None:
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
-def test_idx_round_trip(tmp_path: Path, fashion_sample, gz: bool) -> None:
-    pixels, labels = fashion_sample
+def test_idx_round_trip(tmp_path: Path, idx_sample, gz: bool) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=gz)
     for name in ("mnist", "fashion_mnist"):
         ds = load_dataset(name, str(folder))
@@ -169,8 +168,8 @@ def test_idx_round_trip(tmp_path: Path, fashion_sample, gz: bool) -> None:
     np.testing.assert_array_equal(raw, pixels[:20])
 
 
-def test_idx_mixed_raw_and_gz(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_mixed_raw_and_gz(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=True)
     gz_file = folder / "t10k-images-idx3-ubyte.gz"
     with gzip.open(gz_file, "rb") as src, open(folder / "t10k-images-idx3-ubyte", "wb") as dst:
@@ -180,8 +179,8 @@ def test_idx_mixed_raw_and_gz(tmp_path: Path, fashion_sample) -> None:
     assert ds.images.shape[0] == 30
 
 
-def test_idx_wrong_magic(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_wrong_magic(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=False)
     bad = folder / "train-images-idx3-ubyte"
     data = bytearray(bad.read_bytes())
@@ -191,16 +190,16 @@ def test_idx_wrong_magic(tmp_path: Path, fashion_sample) -> None:
         load_dataset("mnist", str(folder))
 
 
-def test_idx_labels_file_in_place_of_images(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_labels_file_in_place_of_images(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=False)
     write_idx(folder / "t10k-images-idx3-ubyte", labels[20:])
     with pytest.raises(DatasetError, match=r"t10k-images-idx3-ubyte has bad magic.*0x00000803"):
         load_dataset("mnist", str(folder))
 
 
-def test_idx_truncated(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_truncated(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=True)
     target = folder / "train-images-idx3-ubyte.gz"
     data = idx_bytes(pixels[:20])[:-100]
@@ -217,31 +216,31 @@ def test_idx_truncated_header(tmp_path: Path) -> None:
         read_idx(path, ndim=3)
 
 
-def test_idx_trailing_bytes(tmp_path: Path, fashion_sample) -> None:
+def test_idx_trailing_bytes(tmp_path: Path, idx_sample) -> None:
     path = tmp_path / "x-idx3-ubyte"
-    path.write_bytes(idx_bytes(fashion_sample[0][:2]) + b"junk")
+    path.write_bytes(idx_bytes(idx_sample[0][:2]) + b"junk")
     with pytest.raises(DatasetError, match="4 bytes after"):
         read_idx(path, ndim=3)
 
 
-def test_idx_corrupt_gzip(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_corrupt_gzip(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=True)
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"this is not gzip data at all")
     with pytest.raises(DatasetError, match=r"cannot read IDX file .*train-labels-idx1-ubyte.gz"):
         load_dataset("mnist", str(folder))
 
 
-def test_idx_count_mismatch(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_count_mismatch(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=False)
     write_idx(folder / "train-labels-idx1-ubyte", labels[:19])
     with pytest.raises(DatasetError, match=r"has 20 images but .*train-labels.* has 19 labels"):
         load_dataset("mnist", str(folder))
 
 
-def test_idx_label_out_of_range(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_label_out_of_range(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=False)
     write_idx(folder / "t10k-labels-idx1-ubyte", np.full(10, 12, dtype=np.uint8))
     with pytest.raises(DatasetError, match=r"label 12; mnist labels must be in 0..9"):
@@ -257,8 +256,8 @@ def test_idx_missing_folder_says_how_to_get_it(tmp_path: Path) -> None:
         load_dataset("mnist")
 
 
-def test_idx_missing_file(tmp_path: Path, fashion_sample) -> None:
-    pixels, labels = fashion_sample
+def test_idx_missing_file(tmp_path: Path, idx_sample) -> None:
+    pixels, labels = idx_sample
     folder = write_idx_folder(tmp_path / "idx", pixels, labels, gz=False)
     (folder / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DatasetError, match=r"lacks t10k-labels-idx1-ubyte \(raw or .gz\)"):

@@ -2,25 +2,22 @@
 SuperNodes that each load their own site data, `scripts/deploy/*` for certificates, keys,
 registration and runs, on 127.0.0.1 with free ports.
 
-Every process a test starts (SuperLink, SuperNodes, the run script) is stopped by the test by PID,
-together with everything it spawned (SuperExec, ServerApp and ClientApp processes), also when the
-test fails. The first tests check the site-data path of ``gating.federated.nodes`` without any
-process.
+Every process a test starts (SuperLink, SuperNodes, the run script) goes through the shared
+``processes`` fixture (tests/conftest.py), which stops it by PID together with everything it
+spawned (SuperExec, ServerApp and ClientApp processes), also when the test fails. The first
+tests check the site-data path of ``gating.federated.nodes`` without any process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from conf.schema import default_config, settings_from_flat
 from gating.data import DatasetError, load_dataset
 from gating.federated.nodes import data_site_id, node_task, site_format
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from tests.support import ProcessTree
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -119,105 +117,7 @@ def test_site_format(tmp_path, sites):
     assert site_format(fashion, str(idx)) == "fashion_mnist"
 
 
-# ------------------------------------------------------------------ processes, by PID
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, ..., starttime at 19)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _start_time(pid: int) -> str | None:
-    fields = _stat(pid)
-    return None if fields is None or fields[0] in ("Z", "X") else fields[19]
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-class Processes:
-    """The processes a test started, by name, and every process they spawned.
-
-    A PID is remembered with its start time, so a reused PID is never signalled.
-    """
-
-    def __init__(self) -> None:
-        self.started: dict[str, subprocess.Popen] = {}
-        self.spawned: dict[str, dict[int, str]] = {}
-
-    def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-        assert name not in self.started, name
-        with (cwd / f"{name}.log").open("w") as log:
-            proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        self.started[name], self.spawned[name] = proc, {}
-        return proc
-
-    def track(self) -> None:
-        for name, proc in self.started.items():
-            for pid in _descendants({proc.pid}):
-                if (start := _start_time(pid)) is not None:
-                    self.spawned[name].setdefault(pid, start)
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Signal one started process and everything it spawned; wait until all are gone."""
-        self.track()
-        proc = self.started[name]
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        for child_sig in (sig, signal.SIGKILL):
-            alive = self._alive(name)
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, child_sig)
-            deadline = time.monotonic() + 10
-            while self._alive(name) and time.monotonic() < deadline:
-                time.sleep(0.2)
-        assert not self._alive(name), f"{name}: processes {self._alive(name)} survived"
-
-    def _alive(self, name: str) -> list[int]:
-        return [p for p, start in self.spawned[name].items() if _start_time(p) == start]
-
-    def stop_all(self) -> None:
-        self.track()
-        for name in reversed(list(self.started)):  # SuperNodes before the SuperLink
-            self.kill(name, signal.SIGTERM)
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    processes = Processes()
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-
-
 # ------------------------------------------------------------------ a TLS federation
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -251,14 +151,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Federation:
     """A running SuperLink (TLS, node authentication) and the means to add SuperNodes to it."""
 
-    procs: Processes
+    procs: ProcessTree
     pki: Path
     home: Path
     env: dict[str, str]
     fleet: str
+    free_port: Callable[[], int]
 
     def log(self, name: str) -> str:
-        return (self.home / f"{name}.log").read_text(errors="replace")
+        return self.procs.logs[name].read_text(errors="replace")
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.command([str(BIN / "flwr"), *args], timeout=timeout)
@@ -287,7 +188,7 @@ class Federation:
             "--superlink",
             self.fleet,
             "--port",
-            str(_free_port()),
+            str(self.free_port()),
             "--node-config",
             node_config,
         ]
@@ -319,21 +220,17 @@ class Federation:
 
 
 @pytest.fixture
-def federation(procs, pki, tmp_path) -> Federation:
+def federation(processes, pki, tmp_path, subprocess_env, free_port) -> Federation:
     home = tmp_path / "superlink"
     home.mkdir()
-    fleet, control = _free_port(), _free_port()
+    fleet, control = free_port(), free_port()
     env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr for the scripts
+        **subprocess_env,  # this venv's bin on PATH: flwr for the scripts
         "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
     }
     certs = pki / "certs"
-    link = procs.start(
+    link = processes.start(
         "superlink",
         [
             str(BIN / "flower-superlink"),
@@ -357,7 +254,7 @@ def federation(procs, pki, tmp_path) -> Federation:
         env,
         home,
     )
-    fed = Federation(procs, pki, home, env, f"127.0.0.1:{fleet}")
+    fed = Federation(processes, pki, home, env, f"127.0.0.1:{fleet}", free_port)
     trust = ssl.create_default_context(cafile=str(certs / "ca.crt"))
     deadline = time.monotonic() + 60
     while True:
@@ -367,7 +264,7 @@ def federation(procs, pki, tmp_path) -> Federation:
                 break
         assert time.monotonic() < deadline, f"SuperLink not up:\n{fed.log('superlink')[-3000:]}"
         time.sleep(0.3)
-    procs.track()
+    processes.track()
     result = fed.command(
         [
             str(SCRIPTS / "add_connection.sh"),

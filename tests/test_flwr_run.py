@@ -2,23 +2,19 @@
 
 The SuperLink that `flwr run . local` would start by itself keeps running after the command and
 always takes port 39091; here one is started explicitly on a free port, with its own FLWR_HOME,
-and it and everything it spawned are stopped by PID afterwards.
+and the shared ``processes`` fixture (tests/conftest.py) stops it and everything it spawned by
+PID afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,6 +22,7 @@ import pytest
 
 from conf.schema import default_config, settings_from_flat, to_flat
 from server.app import resolve_output_dir
+from tests.support import ProcessTree
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,47 +68,15 @@ def test_output_dir_resolution(tmp_path, monkeypatch):
         resolve_output_dir(" ", 7)
 
 
-# ---------------------------------------------------------------- processes, by PID
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 @dataclass
 class SuperLink:
+    """A SuperLink started through the ``processes`` fixture, which stops it and everything it
+    spawned (SuperExec, ServerApp, the Ray simulation) when the test ends."""
+
     home: Path
     env: dict[str, str]
     log: Path
-    proc: subprocess.Popen
-    spawned: dict[int, str] = field(default_factory=dict)  # pid -> start time (no PID reuse)
-
-    def track(self) -> None:
-        """Remember every process the SuperLink has spawned so far, to stop them later."""
-        for pid in _descendants(self.proc.pid):
-            if (start := _start_time(pid)) is not None:
-                self.spawned.setdefault(pid, start)
+    processes: ProcessTree
 
     def flwr(self, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
         try:
@@ -124,7 +89,7 @@ class SuperLink:
                 timeout=timeout,
             )
         finally:
-            self.track()
+            self.processes.track()  # what the SuperLink has spawned for the command
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return self.flwr("run", str(ROOT), CONNECTION, "--federation-config", FEDERATION, *args)
@@ -138,85 +103,52 @@ class SuperLink:
         result = self.flwr("ls", CONNECTION, "--format", "json", timeout=30)
         return {run["run-id"] for run in json.loads(result.stdout)["runs"]}
 
-    def stop(self) -> None:
-        self.track()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = [p for p, start in self.spawned.items() if _start_time(p) == start]
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 10
-            while alive and time.monotonic() < deadline:
-                alive = [p for p in alive if _start_time(p) == self.spawned[p]]
-                time.sleep(0.2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
-def superlink(tmp_path) -> Iterator[SuperLink]:
+def superlink(tmp_path, subprocess_env, free_port, processes) -> SuperLink:
     home = tmp_path / "flwr_home"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
+    # subprocess_env puts this venv's bin first on PATH: the SuperLink starts flower-superexec
+    # & co. by name, this venv's even when it is not active.
     env = {
-        **os.environ,
+        **subprocess_env,
         "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
         # Otherwise every run `uv sync`s the app's dependencies into a fresh environment.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
-        # The SuperLink starts flower-superexec & co. by name: this venv's, even when not active.
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = tmp_path / "superlink.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--simulation",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            cwd=home,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    link = SuperLink(home, env, log, proc)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"SuperLink exited:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"SuperLink not up:\n{log.read_text()[-3000:]}"
-            time.sleep(0.3)
-        yield link
-    finally:
-        link.stop()
+    proc = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env,
+        home,
+        log=log,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, f"SuperLink exited:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"SuperLink not up:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+    return SuperLink(home, env, log, processes)
 
 
 def _run_id(result: subprocess.CompletedProcess) -> str:

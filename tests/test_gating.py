@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from gating.data import load_dataset
 from gating.mac_table import format_table
 from gating.model import (
     GatedConvNet,
@@ -25,10 +24,9 @@ from gating.model import (
 
 
 @pytest.fixture(scope="module")
-def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    data = load_dataset("digits")
-    images = torch.from_numpy(data.images[:32].copy())
-    labels = torch.from_numpy(data.labels[:32].copy()) % 5
+def digits_batch(digits) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(digits.images[:32].copy())
+    labels = torch.from_numpy(digits.labels[:32].copy()) % 5
     return images, labels
 
 

@@ -7,25 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gating.data import load_dataset
 from gating.meta import Batch, MetaConfig, fedavg_update, perfedavg_update
-from gating.model import GatedConvNet, ModelSpec
 
 CFG = MetaConfig(gating=False)
 
 
 @pytest.fixture(scope="module")
-def batches() -> list[Batch]:
-    data = load_dataset("digits")
-    x = torch.from_numpy(data.images.copy()).double()
-    y = torch.from_numpy(data.labels.copy()) % 3
+def batches(digits) -> list[Batch]:
+    x = torch.from_numpy(digits.images.copy()).double()
+    y = torch.from_numpy(digits.labels.copy()) % 3
     return [Batch(x[i * 12 : (i + 1) * 12], y[i * 12 : (i + 1) * 12]) for i in range(9)]
-
-
-def tiny() -> tuple[GatedConvNet, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    model = GatedConvNet(ModelSpec(image_size=8, num_classes=3, width=4, depth=2)).double()
-    return model, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def backbone_loss(model, params, theta: dict, batch: Batch) -> torch.Tensor:
@@ -45,8 +36,8 @@ def start_theta(params):
     return {n: v.clone() for n, v in params.items() if n.startswith("backbone.")}
 
 
-def test_fedavg_update_is_the_difference_after_plain_sgd(batches):
-    model, params = tiny()
+def test_fedavg_update_is_the_difference_after_plain_sgd(batches, tiny_model):
+    model, params = tiny_model()
     feed = iter(batches[:3])
     step = fedavg_update(model, params, lambda: next(feed), CFG, lr=0.1, steps=3)
     theta = start_theta(params)
@@ -59,8 +50,8 @@ def test_fedavg_update_is_the_difference_after_plain_sgd(batches):
 
 
 @pytest.mark.parametrize("hessian_free", [False, True])
-def test_perfedavg_step_matches_the_exact_update(batches, hessian_free):
-    model, params = tiny()
+def test_perfedavg_step_matches_the_exact_update(batches, tiny_model, hessian_free):
+    model, params = tiny_model()
     alpha, beta = 0.3, 0.2
     feed = iter([(batches[0], batches[1], batches[2]), (batches[3], batches[4], batches[5])])
     step = perfedavg_update(
@@ -92,8 +83,8 @@ def test_perfedavg_step_matches_the_exact_update(batches, hessian_free):
         torch.testing.assert_close(step.update[name], params[name] - value, rtol=1e-6, atol=1e-8)
 
 
-def test_hessian_term_changes_the_update(batches):
-    model, params = tiny()
+def test_hessian_term_changes_the_update(batches, tiny_model):
+    model, params = tiny_model()
     runs = []
     for hessian_free in (False, True):
         feed = iter([(batches[0], batches[1], batches[2])])

@@ -9,35 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gating.data import load_dataset
-from gating.meta import Batch, MetaConfig, adapt, evaluate_adaptation, meta_gradients, task_loss
-from gating.model import GatedConvNet, ModelSpec, gate_regularizer, parameter_groups
+from conf.choices import NormKind
+from gating.meta import MetaConfig, adapt, evaluate_adaptation, meta_gradients, task_loss
+from gating.model import LayerTrace, NormStats, gate_regularizer
 from tests.support import assert_matches_central_differences
-
-WAYS = 3
 
 
 @pytest.fixture(scope="module")
-def task() -> tuple[Batch, Batch]:
-    data = load_dataset("digits")
-    labels = torch.from_numpy(data.labels.copy())
-    images = torch.from_numpy(data.images.copy()).double()
-    support, query = [], []
-    for local, cls in enumerate((3, 7, 1)):
-        idx = torch.nonzero(labels == cls).flatten()
-        support.append((images[idx[:2]], torch.full((2,), local)))
-        query.append((images[idx[2:6]], torch.full((4,), local)))
-    stack = lambda parts: Batch(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))  # noqa: E731
-    return stack(support), stack(query)
-
-
-def tiny_model(seed: int = 0) -> tuple[GatedConvNet, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)
-    model = GatedConvNet(
-        ModelSpec(in_channels=1, image_size=8, num_classes=WAYS, width=4, depth=2, gate_hidden=3)
-    ).double()
-    params = {k: v.detach().clone() for g in parameter_groups(model).values() for k, v in g.items()}
-    return model, params
+def task(digits_episodes):
+    """One 3-way float64 task on digits (classes 3, 7, 1): 2 support, 4 query images each."""
+    return digits_episodes[0]
 
 
 CONFIGS = {
@@ -51,16 +32,19 @@ CONFIGS = {
 
 
 def meta_objective(model, params, support, query, cfg, noise_seed) -> torch.Tensor:
-    """L(Adapt(theta, phi; S); Q) as a plain function of the initial parameters."""
+    """L(Adapt(theta, phi; S); Q) as a plain function of the initial parameters; with metabn
+    the query pass normalizes with the support set's statistics (under the adapted weights)."""
     torch.manual_seed(noise_seed)
     adapted = adapt(model, params, support, cfg, create_graph=True)
-    return task_loss(model, adapted, query, cfg, regularize=True)[0]
+    return task_loss(model, adapted, query, cfg, regularize=True, support=support)[0]
 
 
+@pytest.mark.parametrize("norm", list(NormKind))
 @pytest.mark.parametrize("order", list(CONFIGS))
-def test_second_order_meta_gradient_matches_finite_differences(task, order):
+def test_second_order_meta_gradient_matches_finite_differences(task, tiny_model, order, norm):
     support, query = task
-    cfg = replace(CONFIGS[order], train_gates="soft")  # smooth, so central differences apply
+    # soft gates: smooth, so central differences apply
+    cfg = replace(CONFIGS[order], train_gates="soft", norm=norm)
     model, params = tiny_model()
     torch.manual_seed(5)
     step = meta_gradients(model, params, support, query, cfg)
@@ -80,11 +64,18 @@ def hand_unrolled(model, params, support, query, cfg: MetaConfig, first_order: b
     phi = {n: params[n].clone().requires_grad_(True) for n in names_g}
 
     def loss(th, ph, batch):
+        """CE + λR on ``batch``; on the queries (metabn) the support set runs first in the
+        same pass and the norms take the statistics of its rows only."""
+        n = len(support.x) if batch is query else 0
         out = functional_call(
-            model, {**th, **ph}, (batch.x,), {"mode": "hard", "temperature": cfg.temperature}
+            model,
+            {**th, **ph},
+            (torch.cat([support.x, batch.x]) if n else batch.x,),
+            {"mode": "hard", "temperature": cfg.temperature, "stats": NormStats(rows=n or None)},
         )
-        reg = gate_regularizer(model.spec, out.trace, cfg.target_ratio)
-        return F.cross_entropy(out.logits, batch.y) + cfg.reg_weight * reg
+        trace = [LayerTrace(t.mask[n:], t.prob[n:]) for t in out.trace]
+        reg = gate_regularizer(model.spec, trace, cfg.target_ratio)
+        return F.cross_entropy(out.logits[n:], batch.y) + cfg.reg_weight * reg
 
     def step(group: dict, other: dict, lr: float, backbone: bool):
         group = {n: v.view_as(v) for n, v in group.items()}  # the partial gradient in this group
@@ -112,7 +103,9 @@ def hand_unrolled(model, params, support, query, cfg: MetaConfig, first_order: b
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("order", list(CONFIGS))
-def test_meta_gradient_equals_hand_unrolled_update_with_hard_gates(task, order, first_order):
+def test_meta_gradient_equals_hand_unrolled_update_with_hard_gates(
+    task, tiny_model, order, first_order
+):
     support, query = task
     cfg = replace(CONFIGS[order], first_order=first_order)
     model, params = tiny_model(seed=1)
@@ -125,7 +118,7 @@ def test_meta_gradient_equals_hand_unrolled_update_with_hard_gates(task, order, 
         torch.testing.assert_close(step.grads[name], grad, rtol=1e-9, atol=1e-12)
 
 
-def test_first_and_second_order_differ_and_dense_mode_has_no_gate_gradients(task):
+def test_first_and_second_order_differ_and_dense_mode_has_no_gate_gradients(task, tiny_model):
     support, query = task
     model, params = tiny_model(seed=2)
     cfg = CONFIGS["backbone_first"]
@@ -139,7 +132,7 @@ def test_first_and_second_order_differ_and_dense_mode_has_no_gate_gradients(task
     assert dense.flops_ratio == 1.0
 
 
-def test_one_adaptation_step_learns_the_support_set(task):
+def test_one_adaptation_step_learns_the_support_set(task, tiny_model):
     support, _ = task
     model, params = tiny_model(seed=3)
     cfg = replace(CONFIGS["backbone_first"], inner_steps=5, reg_weight=0.0)

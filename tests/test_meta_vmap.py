@@ -7,51 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gating.data import load_dataset
 from gating.meta import Batch, MetaConfig, adapt, meta_gradients, meta_gradients_batched, task_loss
 from gating.meta import batched as meta_batched
-from gating.model import GatedConvNet, ModelSpec, parameter_groups
 from tests.support import assert_matches_central_differences
 
-WAYS = 3
-
-
-@pytest.fixture(scope="module")
-def episodes() -> list[tuple[Batch, Batch]]:
-    """Three 3-way tasks on digits (float64), each with its own classes and samples."""
-    data = load_dataset("digits")
-    labels = torch.from_numpy(data.labels.copy())
-    images = torch.from_numpy(data.images.copy()).double()
-    out = []
-    for task, classes in enumerate(((3, 7, 1), (0, 5, 8), (2, 9, 4))):
-        support, query = [], []
-        for local, cls in enumerate(classes):
-            idx = torch.nonzero(labels == cls).flatten()[task * 10 :]
-            support.append((images[idx[:2]], torch.full((2,), local)))
-            query.append((images[idx[2:6]], torch.full((4,), local)))
-        stack = lambda parts: Batch(  # noqa: E731
-            torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        )
-        out.append((stack(support), stack(query)))
-    return out
-
-
-def tiny_model() -> tuple[GatedConvNet, dict[str, torch.Tensor]]:
-    torch.manual_seed(0)
-    # gate_bias 0.5: with the noise below some gates close, so masks and the straight-through
-    # path matter.
-    spec = ModelSpec(
-        in_channels=1,
-        image_size=8,
-        num_classes=WAYS,
-        width=4,
-        depth=2,
-        gate_hidden=3,
-        gate_bias=0.5,
-    )
-    model = GatedConvNet(spec).double()
-    params = {k: v.detach().clone() for g in parameter_groups(model).values() for k, v in g.items()}
-    return model, params
+# Gates start less open than the default (+3, every gate open): with the noise below some gates
+# close, so masks and the straight-through path matter.
+GATE_BIAS = 0.5
 
 
 def fixed_noise(like: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -76,13 +38,13 @@ CASES = {
 }
 
 
-def loop_adapt_is_the_spec(episodes: list[tuple[Batch, Batch]]) -> bool:
+def loop_adapt_is_the_spec(episodes: list[tuple[Batch, Batch]], tiny_model) -> bool:
     """Whether ``gating.meta.adapt`` gives the same adapted parameters with and without
     ``create_graph``. Without the graph every stage's gradient is the partial one the spec
     writes (phi' = phi - gamma * grad_phi L(theta', phi; S) at fixed theta'); with it, a stage
     that follows another can also differentiate through the earlier stage (theta' depends on
     phi), and then second-order meta-training adapts differently from a target node."""
-    model, params = tiny_model()
+    model, params = tiny_model(gate_bias=GATE_BIAS)
     support = episodes[0][0]
     leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
     torch.manual_seed(0)
@@ -92,18 +54,20 @@ def loop_adapt_is_the_spec(episodes: list[tuple[Batch, Batch]]) -> bool:
     return all(torch.allclose(graph[n], plain[n], rtol=1e-12, atol=1e-14) for n in graph)
 
 
-def test_second_order_adaptation_takes_the_specified_partial_steps(episodes):
+def test_second_order_adaptation_takes_the_specified_partial_steps(digits_episodes, tiny_model):
     """The adapted values must not depend on whether the graph is kept (second order) or not."""
-    assert loop_adapt_is_the_spec(episodes)
+    assert loop_adapt_is_the_spec(digits_episodes, tiny_model)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_vmapped_meta_gradients_equal_the_loop_with_the_same_noise(episodes, case, monkeypatch):
+def test_vmapped_meta_gradients_equal_the_loop_with_the_same_noise(
+    digits_episodes, tiny_model, case, monkeypatch
+):
     cfg = CASES[case]
-    model, params = tiny_model()
+    model, params = tiny_model(gate_bias=GATE_BIAS)
     monkeypatch.setattr(torch, "rand_like", fixed_noise)
-    loop = [meta_gradients(model, params, s, q, cfg) for s, q in episodes]
-    batched = meta_gradients_batched(model, params, episodes, cfg)
+    loop = [meta_gradients(model, params, s, q, cfg) for s, q in digits_episodes]
+    batched = meta_gradients_batched(model, params, digits_episodes, cfg)
     assert len(batched) == len(loop)
     if cfg.gating:
         assert any(step.flops_ratio < 0.99 for step in loop), "every gate open: a weak test"
@@ -119,12 +83,12 @@ def test_vmapped_meta_gradients_equal_the_loop_with_the_same_noise(episodes, cas
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_vmapped_adapt_is_the_target_nodes_adapt(episodes, case, monkeypatch):
+def test_vmapped_adapt_is_the_target_nodes_adapt(digits_episodes, tiny_model, case, monkeypatch):
     """The adaptation inside the vmapped meta-gradient is the one a target node runs."""
     cfg = CASES[case]
-    model, params = tiny_model()
+    model, params = tiny_model(gate_bias=GATE_BIAS)
     monkeypatch.setattr(torch, "rand_like", fixed_noise)
-    support = episodes[1][0]
+    support = digits_episodes[1][0]
     leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
     expected = adapt(model, leaves, support, cfg, create_graph=False)
     got = meta_batched.adapt(model, params, support, cfg)
@@ -133,25 +97,27 @@ def test_vmapped_adapt_is_the_target_nodes_adapt(episodes, case, monkeypatch):
 
 
 @pytest.mark.parametrize("order", ["backbone_first", "gate_first"])
-def test_vmapped_second_order_matches_finite_differences(episodes, order, monkeypatch):
+def test_vmapped_second_order_matches_finite_differences(
+    digits_episodes, tiny_model, order, monkeypatch
+):
     """d L(Adapt(theta, phi; S); Q) / d(theta, phi) against central differences of that very
     objective (soft gates and fixed noise make it smooth and deterministic)."""
     cfg = replace(BASE, order=order, train_gates="soft")
-    model, params = tiny_model()
+    model, params = tiny_model(gate_bias=GATE_BIAS)
     monkeypatch.setattr(torch, "rand_like", fixed_noise)
-    support, query = episodes[2]
+    support, query = digits_episodes[2]
     step = meta_gradients_batched(model, params, [(support, query)], cfg)[0]
 
     def objective(values: dict[str, torch.Tensor]) -> float:
         adapted = adapt(model, values, support, cfg, create_graph=False)
-        return task_loss(model, adapted, query, cfg, regularize=True)[0].detach().item()
+        return task_loss(model, adapted, query, cfg, True, support)[0].detach().item()
 
     assert_matches_central_differences(step.grads, params, objective)
 
 
-def test_vmapped_gate_noise_is_independent_per_task_and_seeded(episodes):
-    model, params = tiny_model()
-    same = [episodes[0]] * 3  # one task three times: only the noise tells them apart
+def test_vmapped_gate_noise_is_independent_per_task_and_seeded(digits_episodes, tiny_model):
+    model, params = tiny_model(gate_bias=GATE_BIAS)
+    same = [digits_episodes[0]] * 3  # one task three times: only the noise tells them apart
     torch.manual_seed(3)
     first = meta_gradients_batched(model, params, same, BASE)
     torch.manual_seed(3)

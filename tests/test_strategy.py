@@ -38,7 +38,7 @@ def task_identity():
 def make_strategy(
     learned=("backbone", "gate"), optimizer="adam", backbone_lr=0.01, gate_lr=0.1, **overrides
 ) -> MetaLearningStrategy:
-    options = dict(clients_per_round=3, min_train_replies=2, seed=0)
+    options = dict(clients_per_round=3, min_train_replies=2, seed=0, gated_layers=2)
     options.update(overrides)
     step = ServerStep(PARAMS, learned, optimizer, {"backbone": backbone_lr, "gate": gate_lr})
     return MetaLearningStrategy(step, TRAIN, TARGET, **options)
@@ -216,6 +216,7 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
                         {
                             NUM_EXAMPLES: 10,
                             "accuracy": acc,
+                            "accuracy-transductive": acc,
                             "accuracy-before": 0.2,
                             "loss": 1.0,
                             "flops-ratio": 0.5,

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,6 @@ from omegaconf import OmegaConf
 from analysis.report import build_rows, report
 from analysis.runs import FAILURE_FILE, find_runs, write_failure
 from conf.schema import SimulateConfig
-from tests.support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -37,12 +35,12 @@ TINY = [
 
 
 def multirun(
-    tmp_path: Path, sweep_dir: Path, *overrides: str, timeout: float = 300, **extra_env: str
+    env: dict[str, str], sweep_dir: Path, *overrides: str, timeout: float = 300, **extra_env: str
 ):
     return subprocess.run(
         [sys.executable, "simulate.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
         cwd=ROOT,
-        env={**subprocess_env(tmp_path), **extra_env},
+        env={**env, **extra_env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -54,9 +52,11 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 @pytest.mark.sweep
-def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot(tmp_path):
+def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot(
+    tmp_path, subprocess_env
+):
     sweep = tmp_path / "sweep"
-    result = multirun(tmp_path, sweep, "strategy=metagater,fedmeta", "seed=0,1", *TINY)
+    result = multirun(subprocess_env, sweep, "strategy=metagater,fedmeta", "seed=0,1", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = job_dirs(sweep)
     assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]
@@ -93,10 +93,10 @@ def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot
 
 
 @pytest.mark.sweep
-def test_a_failed_job_is_recorded_and_reported_while_the_others_complete(tmp_path):
+def test_a_failed_job_is_recorded_and_reported_while_the_others_complete(tmp_path, subprocess_env):
     sweep = tmp_path / "sweep"
     # Job 0 asks for more clients per round than the federation has: it fails, job 1 still runs.
-    result = multirun(tmp_path, sweep, "federation.clients_per_round=99,2", *TINY)
+    result = multirun(subprocess_env, sweep, "federation.clients_per_round=99,2", *TINY)
     assert result.returncode != 0
     failed, finished = job_dirs(sweep)
     assert "clients_per_round=99" in failed.name
@@ -114,10 +114,10 @@ def test_a_failed_job_is_recorded_and_reported_while_the_others_complete(tmp_pat
 
 
 @pytest.mark.sweep
-def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path):
+def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path, subprocess_env):
     sweep = tmp_path / "search"
     result = multirun(
-        tmp_path, sweep, "+search=steps", "hydra.sweeper.n_trials=3", *TINY, timeout=400
+        subprocess_env, sweep, "+search=steps", "hydra.sweeper.n_trials=3", *TINY, timeout=400
     )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = job_dirs(sweep)
@@ -134,12 +134,6 @@ def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path
         objectives[key] = json.loads((trial / "summary.json").read_text())["accuracy"]
     assert best.best_value == pytest.approx(max(objectives.values()))
     assert objectives[tuple(params.values())] == pytest.approx(best.best_value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_process_group(pgid: int) -> None:
@@ -162,7 +156,7 @@ def stop_process_group(pgid: int) -> None:
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
+def ray_cluster(subprocess_env, free_port):
     """A one-node Ray cluster on 127.0.0.1, as `ray start --head` makes it; stopped by PID.
 
     It runs in its own session, so every Ray process it starts shares one process group, which
@@ -190,7 +184,7 @@ def ray_cluster(tmp_path):
     ]
     start = subprocess.Popen(
         command,
-        env=subprocess_env(tmp_path),
+        env=subprocess_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -220,14 +214,14 @@ def actor_jobs(session: Path) -> set[str]:
 
 @pytest.mark.sweep
 def test_simulation_attached_to_a_local_ray_cluster_completes_and_leaves_it_running(
-    tmp_path, ray_cluster
+    tmp_path, subprocess_env, ray_cluster
 ):
     address, session = ray_cluster["address"], ray_cluster["session"]
     sweep = tmp_path / "sweep"
     # Job 0 attaches to the cluster. Job 1 (ray.address=null) starts a Ray of its own, although
     # the cluster is this machine's current one (TMPDIR) and a plain ray.init() would join it.
     tmpdir = str(ray_cluster["tmpdir"])
-    result = multirun(tmp_path, sweep, f"ray.address={address},null", *TINY, TMPDIR=tmpdir)
+    result = multirun(subprocess_env, sweep, f"ray.address={address},null", *TINY, TMPDIR=tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in job_dirs(sweep):
         summary = json.loads((job / "summary.json").read_text())
@@ -239,7 +233,7 @@ def test_simulation_attached_to_a_local_ray_cluster_completes_and_leaves_it_runn
     # Detaching did not stop the cluster.
     status = subprocess.run(
         [ray_cluster["ray"], "status", f"--address={address}"],
-        env=subprocess_env(tmp_path),
+        env=subprocess_env,
         capture_output=True,
         text=True,
         timeout=60,

@@ -29,11 +29,6 @@ NUM_PARTITIONS = 20
 
 
 @pytest.fixture(scope="module")
-def digits() -> ImageDataset:
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def many_classes(tmp_path_factory: pytest.TempPathFactory) -> ImageDataset:
     """40 classes x 25 samples in a real .npz file; pixel (0, 0) encodes the sample's row so that
     episodes can be traced back to dataset rows, the rest is a per-class stroke pattern."""

@@ -1,0 +1,141 @@
+"""The server's aggregation trusts no single update: norm bounds, robust rules, DP noise, and a
+step that cannot leave a broken model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+from scipy import stats
+
+from conf.choices import Aggregation, Clipping
+from gating.federated.aggregation import AggregationRule, aggregate, update_norm
+from gating.federated.privacy import epsilon
+from gating.federated.server_step import RoundFailed, ServerStep
+
+PARAMS = {"backbone.w": torch.zeros(3, 2), "gate.b": torch.zeros(4)}
+
+
+def honest(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(t.shape, generator=generator) for n, t in PARAMS.items()}
+
+
+def test_adaptive_clipping_bounds_a_huge_update_to_a_few_honest_norms():
+    updates = [honest(i) for i in range(4)] + [{n: 1e6 * t for n, t in honest(9).items()}]
+    rule = AggregationRule(clip=Clipping.adaptive, clip_factor=3.0)
+    direction, report = aggregate(updates, [1.0] * 5, rule)
+    median = float(np.median([update_norm(u) for u in updates]))
+    assert report.clipped == [4] and report.bound == pytest.approx(3 * median)
+    # The attacker now counts like an update of norm 3 x median, in the plain mean.
+    scaled = {n: t * (report.bound / update_norm(updates[4])) for n, t in updates[4].items()}
+    for name in PARAMS:
+        expected = torch.stack([u[name] for u in updates[:4]] + [scaled[name]]).mean(0)
+        torch.testing.assert_close(direction[name], expected)
+    assert update_norm(direction) < 2 * median
+
+
+def test_without_clipping_the_huge_update_dominates():
+    updates = [honest(i) for i in range(4)] + [{n: 1e6 * t for n, t in honest(9).items()}]
+    direction, report = aggregate(updates, [1.0] * 5, AggregationRule(clip=Clipping.off))
+    assert report.bound is None and not report.clipped
+    assert update_norm(direction) > 1e5
+
+
+@pytest.mark.parametrize("rule", [Aggregation.median, Aggregation.trimmed_mean])
+def test_coordinatewise_rules_match_numpy_and_scipy_and_ignore_one_outlier(rule):
+    updates = [honest(i) for i in range(5)]
+    updates[2] = {n: t - 1e3 for n, t in updates[2].items()}  # one far-off client
+    settings = AggregationRule(clip=Clipping.off, aggregation=rule, trim_fraction=0.2)
+    direction, _ = aggregate(updates, [1.0] * 5, settings)
+    for name in PARAMS:
+        stacked = torch.stack([u[name] for u in updates]).numpy()
+        if rule is Aggregation.median:
+            expected = np.median(stacked, axis=0)
+        else:
+            expected = stats.trim_mean(stacked, 0.2, axis=0)
+        np.testing.assert_allclose(direction[name].numpy(), expected, rtol=1e-6)
+        assert direction[name].abs().max() < 10
+
+
+def test_private_aggregation_is_the_noisy_mean_of_clipped_updates():
+    updates = [{n: 10 * t for n, t in honest(i).items()} for i in range(4)]
+    rule = AggregationRule(noise_multiplier=1.5, dp_clip_norm=2.0)
+    a, report = aggregate(updates, [5.0, 1.0, 1.0, 1.0], rule, torch.Generator().manual_seed(7))
+    b, _ = aggregate(updates, [5.0, 1.0, 1.0, 1.0], rule, torch.Generator().manual_seed(7))
+    assert report.bound == 2.0 and report.clipped == [0, 1, 2, 3]
+    generator = torch.Generator().manual_seed(7)
+    for name in PARAMS:  # every client weighs the same; noise std = multiplier x clip norm
+        clipped = [u[name] * 2.0 / update_norm(u) for u in updates]
+        noise = torch.randn(PARAMS[name].shape, generator=generator, dtype=torch.float64)
+        expected = (torch.stack(clipped).sum(0) + (3.0 * noise).float()) / 4
+        torch.testing.assert_close(a[name], expected)
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)  # seeded: reproducible
+
+
+def test_epsilon_matches_the_rdp_of_the_gaussian_mechanism_by_hand():
+    """T Gaussian mechanisms of noise multiplier z: RDP T·α/(2z²) at order α, turned into
+    (ε, δ) by ε = min_α [rdp + log(1 - 1/α) - log(δα)/(α - 1)] (Balle et al. 2020)."""
+    for z, rounds, delta in [(1.0, 1, 1e-5), (1.1, 10, 1e-5), (2.0, 300, 1e-6), (0.8, 3, 1e-3)]:
+        by_hand = min(
+            rounds * a / (2 * z * z) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+            for a in DEFAULT_RDP_ORDERS
+            if a > 1.01
+        )
+        assert epsilon(z, rounds, delta) == pytest.approx(max(by_hand, 0.0), rel=1e-9)
+    assert epsilon(1.0, 20, 1e-5) > epsilon(1.0, 10, 1e-5) > epsilon(2.0, 10, 1e-5)
+    assert epsilon(0.0, 5, 1e-5) == math.inf and epsilon(1.0, 0, 1e-5) == 0.0
+
+
+def test_a_step_that_would_break_the_model_is_undone():
+    step = ServerStep(
+        PARAMS,
+        ("backbone", "gate"),
+        "sgd",
+        {"backbone": 10.0, "gate": 10.0},
+        AggregationRule(clip=Clipping.off),
+    )
+    before = step.state_dict()
+    huge = {n: torch.full(t.shape, 3e38) for n, t in PARAMS.items()}  # finite, but x10 is not
+    with pytest.raises(RoundFailed, match="non-finite"):
+        step.apply([huge, huge], [1.0, 1.0], server_round=4)
+    for name, value in before["params"].items():
+        assert torch.equal(step.params[name], value)
+    step.apply([honest(0), honest(1)], [1.0, 1.0], server_round=5)  # and it carries on
+    assert all(torch.isfinite(t).all() for t in step.params.values())
+
+
+def test_adam_state_is_restored_too():
+    step = ServerStep(
+        PARAMS,
+        ("backbone", "gate"),
+        "adam",
+        {"backbone": 1.0, "gate": 1.0},
+        AggregationRule(clip=Clipping.off),
+    )
+    step.apply([honest(0)], [1.0], 1)
+    saved = step.state_dict()
+    with pytest.raises(RoundFailed):
+        step.apply([{n: torch.full(t.shape, 3e38) for n, t in PARAMS.items()}], [1.0], 2)
+    restored = step.state_dict()
+    for group, state in saved["optimizers"].items():
+        for key, value in state["state"].items():
+            for name, tensor in value.items():
+                assert torch.equal(
+                    torch.as_tensor(tensor),
+                    torch.as_tensor(restored["optimizers"][group]["state"][key][name]),
+                )
+
+
+def test_restoring_a_state_of_the_wrong_shape_is_refused():
+    step = ServerStep(PARAMS, ("backbone",), "adam", {"backbone": 0.1, "gate": 0.1})
+    state = step.state_dict()
+    state["params"]["backbone.w"] = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"backbone.w is \(2, 3\)"):
+        step.load_state_dict(state)
+    state["params"].pop("backbone.w")
+    with pytest.raises(ValueError, match="missing"):
+        step.load_state_dict(state)
