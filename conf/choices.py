@@ -82,6 +82,27 @@ class TrainGates(StrEnum):
     soft = "soft"  # relaxed sigmoid((logit + noise) / τ)
 
 
+class Weighting(StrEnum):
+    """What weights a client's update in the server's mean."""
+
+    expected = "expected"  # what the server knows the node's task holds (claims bounded by it)
+    claimed = "claimed"  # the client's own num-examples, unchecked
+
+
+class Clipping(StrEnum):
+    """How the server bounds each client update's norm before aggregating."""
+
+    off = "off"
+    adaptive = "adaptive"  # robust.clip_factor x the round's median update norm
+    fixed = "fixed"  # robust.clip_norm
+
+
+class Aggregation(StrEnum):
+    mean = "mean"  # weighted mean (FedAvg's rule)
+    median = "median"  # coordinate-wise median (Yin et al. 2018)
+    trimmed_mean = "trimmed_mean"  # coordinate-wise, robust.trim_fraction cut at each end
+
+
 class ServerOptimizer(StrEnum):
     adam = "adam"
     sgd = "sgd"

@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from conf.choices import (
     TRAITS,
     AdaptOrder,
+    Aggregation,
+    Clipping,
     DatasetName,
     NormKind,
     Objective,
@@ -23,6 +25,7 @@ from conf.choices import (
     ServerOptimizer,
     StrategyName,
     TrainGates,
+    Weighting,
 )
 
 
@@ -104,6 +107,28 @@ class LocalConfig:
 
 
 @dataclass
+class RobustConfig:
+    """How far the server trusts a reply (see README, Trust and privacy)."""
+
+    weighting: Weighting = Weighting.expected
+    clip: Clipping = Clipping.adaptive
+    clip_factor: float = 3.0  # adaptive bound: this x the round's median update norm
+    clip_norm: float = 1.0  # fixed bound (robust.clip=fixed)
+    aggregation: Aggregation = Aggregation.mean
+    trim_fraction: float = 0.2  # trimmed_mean: share cut at each end, per coordinate
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each update clipped
+    to ``clip_norm``, Gaussian noise of ``noise_multiplier x clip_norm`` on their sum."""
+
+    noise_multiplier: float = 0.0  # 0: off
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass
 class StrategyConfig:
     name: StrategyName = StrategyName.metagater
 
@@ -144,6 +169,8 @@ class RunConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0

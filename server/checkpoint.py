@@ -1,37 +1,164 @@
-"""Write and read the resumable state of a run, atomically (a crash mid-write loses nothing)."""
+"""A run folder's resumable state and its guard: nothing written is lost or silently replaced.
+
+The checkpoint is written atomically every round (a crash mid-write leaves the previous one),
+holds only tensors and plain Python values, and loads with ``torch.load(weights_only=True)``:
+a checkpoint that carries code is refused instead of run. The per-round history is a JSON Lines
+file appended once per round, so neither costs more at round 1,000 than at round 10.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from server.results import json_safe
+
 CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_LINES = "history.jsonl"
+#: Files that mean a folder holds (part of) a run's results.
+RESULT_FILES = (
+    CHECKPOINT_NAME,
+    HISTORY_LINES,
+    "history.json",
+    "summary.json",
+    "task_accuracy.json",
+)
+#: Settings a resumed run may change.
+RESUMABLE_CHANGES = {
+    "resume",
+    "federation.rounds",
+    "federation.timeout",
+    "output.dir",
+    "output.plots",
+    "device",
+    "ray.client_gpus",
+    "ray.num_gpus",
+    "ray.num_cpus",
+    "ray.client_cpus",
+    "ray.address",
+    "tracking.backend",
+    "tracking.uri",
+}
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (it holds results, its checkpoint is unusable)."""
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as error:  # a full disk: the previous checkpoint is still in place
+        tmp.unlink(missing_ok=True)
+        raise RunFolderError(f"cannot write the checkpoint {path}: {error}") from error
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds Python RNG tuples and plain dicts written by us.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The saved state; a truncated, foreign or code-carrying file is an error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise RunFolderError(
+            f"{path} holds more than tensors and plain values, so it was not loaded (a "
+            f"checkpoint written by this project never does): {str(error).splitlines()[0]}"
+        ) from error
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile) as error:
+        raise RunFolderError(f"{path} is not a readable checkpoint: {error}") from error
+    needed = {"round", "strategy", "config", "wall_seconds"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise RunFolderError(f"{path} is not a checkpoint of this project")
+    return state
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """A run resumes only under the configuration it was started with (``resume`` aside)."""
-    ignore = {"resume", "federation.rounds", "federation.timeout", "output.dir", "output.plots"}
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """A run resumes only under the configuration it was started with (the settings of
+    :data:`RESUMABLE_CHANGES` aside)."""
     changed = sorted(
         key
         for key in set(saved) | set(current)
-        if key not in ignore and saved.get(key) != current.get(key)
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
-        raise ValueError(
+        raise RunFolderError(
             f"cannot resume: the configuration changed since the checkpoint ({details})"
         )
+
+
+def results_in(folder: Path) -> list[str]:
+    return [name for name in RESULT_FILES if (folder / name).exists()]
+
+
+def check_run_folder(folder: Path, resume: bool, flat: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Whether a run may start in ``folder``; the checkpoint's state when it resumes.
+
+    A folder with results is never written over unless asked (``resume=true``), and a resume
+    is refused, before anything is written, when the checkpoint is missing, unreadable or from
+    another configuration.
+    """
+    checkpoint = folder / CHECKPOINT_NAME
+    found = results_in(folder)
+    if not resume:
+        if found:
+            raise RunFolderError(
+                f"{folder} already holds results ({', '.join(found)}): pass resume=true to "
+                "continue that run, or choose another output folder (hydra.run.dir=... for "
+                "simulate.py, output.dir=... under flwr run) to start a new one"
+            )
+        return None
+    if not checkpoint.exists():
+        raise RunFolderError(f"resume=true but there is no checkpoint at {checkpoint}")
+    saved = load_checkpoint(checkpoint)
+    check_resumable(saved["config"], flat)
+    rounds = flat.get("federation.rounds")
+    if isinstance(rounds, int) and saved["round"] > rounds:
+        raise RunFolderError(
+            f"{checkpoint} is at round {saved['round']}, past federation.rounds={rounds}: "
+            "resume with at least that many"
+        )
+    return saved
+
+
+def _line(record: Mapping[str, Any]) -> str:
+    return json.dumps(json_safe(dict(record))) + "\n"
+
+
+def append_history(folder: Path, record: Mapping[str, Any]) -> None:
+    with (folder / HISTORY_LINES).open("a") as lines:
+        lines.write(_line(record))
+
+
+def read_history(folder: Path, up_to_round: int) -> list[dict[str, Any]]:
+    """The per-round records up to ``up_to_round`` (a later line of a round updates it: the
+    final evaluation's); lines past it (written after the last checkpoint) are dropped."""
+    path = folder / HISTORY_LINES
+    records: dict[int, dict[str, Any]] = {}
+    lines = path.read_text().splitlines() if path.exists() else []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break  # a line cut short by a crash: that round is redone
+            raise RunFolderError(f"{path}:{number} is not JSON: {error}") from error
+        if record.get("round", up_to_round + 1) <= up_to_round:
+            records.setdefault(record["round"], {}).update(record)
+    return [records[r] for r in sorted(records)]
+
+
+def rewrite_history(folder: Path, history: list[dict[str, Any]]) -> None:
+    """Drop lines past the checkpoint, so that the file and the resumed run agree."""
+    tmp = folder / f"{HISTORY_LINES}.tmp"
+    tmp.write_text("".join(_line(h) for h in history))
+    os.replace(tmp, folder / HISTORY_LINES)

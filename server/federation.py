@@ -5,6 +5,7 @@ Shared by simulation (``simulate.py``), ``flwr run .`` and deployments; it only 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from logging import INFO, WARNING
@@ -17,7 +18,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from omegaconf import DictConfig, OmegaConf
 
+from conf.choices import Weighting
 from conf.schema import to_flat
+from gating.federated.privacy import epsilon
 from gating.federated.protocol import (
     CONFIG,
     METRICS,
@@ -29,14 +32,48 @@ from gating.federated.protocol import (
 )
 from gating.federated.round import server_step_for
 from gating.federated.settings import initial_parameters, regularizer_weight, spec_for
+from gating.federated.updates import expected_examples
 from gating.model import dense_macs
-from server.checkpoint import CHECKPOINT_NAME, check_resumable, load_checkpoint, save_checkpoint
+from server.checkpoint import (
+    CHECKPOINT_NAME,
+    append_history,
+    check_run_folder,
+    read_history,
+    rewrite_history,
+    save_checkpoint,
+)
 from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
 from server.strategy import MetaLearningStrategy
 
 
 class FederationError(RuntimeError):
     """The federation cannot run as configured (missing nodes, inconsistent data, ...)."""
+
+
+class RunInterrupted(RuntimeError):
+    """Stopped on request (Ctrl-C, SIGTERM); the last completed round's checkpoint is kept."""
+
+
+#: Set (e.g. by a signal handler) to stop the run at the next poll, within a fraction of a
+#: second, instead of after Flower's reply timeout.
+STOP_REQUESTED = threading.Event()
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """``grid.send_and_receive`` that gives up when :data:`STOP_REQUESTED` is set."""
+    waiting = set(grid.push_messages(messages))
+    interval = float(getattr(grid, "pull_interval", 0.1))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting and time.monotonic() < deadline:
+        if STOP_REQUESTED.is_set():
+            raise RunInterrupted("stopped on request")
+        pulled = list(grid.pull_messages(waiting))
+        replies += pulled
+        waiting -= {m.metadata.reply_to_message_id for m in pulled}
+        if waiting:
+            time.sleep(min(interval, 0.5))
+    return replies
 
 
 @dataclass
@@ -58,6 +95,8 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         if time.monotonic() >= next_note:
             log(INFO, "waiting for nodes: %d of %d connected", len(node_ids), expected)
             next_note += 10
+        if STOP_REQUESTED.is_set():
+            raise RunInterrupted("stopped on request while waiting for nodes")
         if time.monotonic() > deadline:
             log(
                 WARNING,
@@ -74,7 +113,7 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
     ]
     roster = Roster(train={}, target={}, channels=0, image_size=0)
     shapes = set()
-    for reply in grid.send_and_receive(messages, timeout=cfg.federation.timeout):
+    for reply in exchange(grid, messages, cfg.federation.timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log(
@@ -121,23 +160,7 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     flat = to_flat(cfg)
-    saved = None
-    if checkpoint_path.exists():
-        if not cfg.resume:
-            raise FederationError(
-                f"{checkpoint_path} exists: pass resume=true to continue that run, or choose "
-                "another output folder (hydra.run.dir=... for simulate.py, output.dir=... under "
-                "flwr run) to start a new one"
-            )
-        saved = load_checkpoint(checkpoint_path)
-        check_resumable(saved["config"], flat)
-        if saved["round"] > cfg.federation.rounds:
-            raise FederationError(
-                f"{checkpoint_path} is at round {saved['round']}, past "
-                f"federation.rounds={cfg.federation.rounds}: resume with at least that many"
-            )
-    elif cfg.resume:
-        raise FederationError(f"resume=true but there is no checkpoint at {checkpoint_path}")
+    saved = check_run_folder(out_dir, cfg.resume, flat)
     OmegaConf.save(cfg, out_dir / "config.yaml")
 
     if type(grid).__name__ == "InMemoryGrid":  # simulation: polling a local queue is cheap
@@ -153,19 +176,27 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
         eval_nodes=fed.eval_nodes,
         seed=cfg.seed,
+        expected_examples=(
+            None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
+        ),
+        gated_layers=spec.gated_layers,
     )
     history: list[dict[str, Any]] = []
     first_round, elapsed_before = 1, 0.0
     if saved is not None:
-        strategy.load_state_dict(saved["strategy"])
-        history, first_round = saved["history"], saved["round"] + 1
+        try:
+            strategy.load_state_dict(saved["strategy"])
+        except (ValueError, KeyError) as error:
+            raise FederationError(f"{checkpoint_path} does not fit this run: {error}") from error
+        history, first_round = read_history(out_dir, saved["round"]), saved["round"] + 1
+        rewrite_history(out_dir, history)
         elapsed_before = saved["wall_seconds"]
         log(INFO, "resuming after round %d from %s", saved["round"], checkpoint_path)
     strategy.summary()
 
     def evaluate(server_round: int, arrays, config, everyone: bool) -> dict[str, float]:
-        messages = strategy.configure_evaluate(server_round, arrays, config, grid, everyone)
-        replies = grid.send_and_receive(messages, timeout=fed.timeout)
+        messages = list(strategy.configure_evaluate(server_round, arrays, config, grid, everyone))
+        replies = exchange(grid, messages, fed.timeout)
         evaluation = strategy.aggregate_evaluate(server_round, replies)
         return {} if evaluation is None else {k: float(v) for k, v in evaluation.items()}
 
@@ -179,9 +210,8 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
     for server_round in range(first_round, fed.rounds + 1):
         round_start = time.monotonic()
         config = round_config(server_round)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, config, grid), timeout=fed.timeout
-        )
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        replies = exchange(grid, messages, fed.timeout)
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record: dict[str, Any] = {
             "round": server_round,
@@ -189,9 +219,15 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
             "train_accuracy": train_metrics["query-accuracy"],
             "train_flops_ratio": train_metrics["flops-ratio"],
             "replies": train_metrics["replies"],
+            "clipped": train_metrics["clipped"],
+            "update_norm": train_metrics["update-norm"],
             "bytes_per_client": train_metrics["bytes-down"] + train_metrics["bytes-up"],
             "reg_weight": config[REG_WEIGHT_KEY],
         }
+        if cfg.privacy.noise_multiplier > 0:
+            record["epsilon"] = epsilon(
+                cfg.privacy.noise_multiplier, server_round, cfg.privacy.delta
+            )
         final = server_round == fed.rounds
         if not final and server_round % fed.eval_every == 0:
             record.update(evaluate(server_round, arrays, config, everyone=False))
@@ -199,27 +235,27 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         history.append(record)
         if not final:
             _log_round(record, fed.rounds)
+        append_history(out_dir, record)
         state = {
             "round": server_round,
             "strategy": strategy.state_dict(),
-            "history": history,
             "config": flat,
             "wall_seconds": elapsed_before + time.monotonic() - started,
         }
         save_checkpoint(checkpoint_path, state)
-        write_json(out_dir / "history.json", history)
 
     # The final evaluation (every target node) comes after the last round's checkpoint, so a
     # run interrupted during it resumes straight into it, and resume=true on a finished run
-    # evaluates its final parameters again. Its result then goes into the checkpoint's history
-    # (kept by a later extension to more rounds); wall_seconds there stays the training time.
+    # evaluates its final parameters again. Its result then joins the last round's history
+    # record (kept by a later extension to more rounds); wall_seconds stays the training time.
     evaluation_start = time.monotonic()
     strategy.last_evaluation = {}  # a periodic evaluation's result must not pass for the final one
-    history[-1].update(evaluate(fed.rounds, arrays, round_config(fed.rounds), everyone=True))
-    history[-1]["evaluation_seconds"] = time.monotonic() - evaluation_start
+    final_record = evaluate(fed.rounds, arrays, round_config(fed.rounds), everyone=True)
+    final_record["evaluation_seconds"] = time.monotonic() - evaluation_start
+    history[-1].update(final_record)
+    append_history(out_dir, {"round": fed.rounds, **final_record})
     _log_round(history[-1], fed.rounds)
     write_json(out_dir / "history.json", history)
-    save_checkpoint(checkpoint_path, {**state, "history": history})
     final_eval = strategy.last_evaluation
     if not final_eval:
         raise FederationError("the final evaluation got no result from any target node")
@@ -238,6 +274,9 @@ def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]
         "shots": cfg.task.shots,
         "seed": cfg.seed,
     }
+    if cfg.privacy.noise_multiplier > 0:
+        summary["epsilon"] = epsilon(cfg.privacy.noise_multiplier, fed.rounds, cfg.privacy.delta)
+        summary["delta"] = cfg.privacy.delta
     write_json(out_dir / "summary.json", summary)
     if cfg.output.plots:
         plot_history(history, out_dir)

@@ -36,17 +36,18 @@ SUMMARY_KEYS = (
 def write_json(path: Path, payload: Any) -> None:
     """Atomic write; NaN becomes null so the file is valid JSON for any reader."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(payload), indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null: valid JSON for every reader."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -21,19 +21,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from gating.federated.evaluation import scalar_figures, summarize
+from gating.federated.evaluation import report_problem, scalar_figures, summarize
 from gating.federated.protocol import (
     ARRAYS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
-    PARTITION_KEY,
     TRAIN_METRICS,
     UPDATE,
 )
 from gating.federated.round import NodeSampler
 from gating.federated.server_step import ServerStep
-from server.validation import RoundFailed, update_problem
+from server.validation import RoundFailed, train_metrics_problem, update_problem
 
 
 class MetaLearningStrategy(Strategy):
@@ -54,6 +53,11 @@ class MetaLearningStrategy(Strategy):
         Target nodes per intermediate evaluation; 0 for all (the final one asks all).
     seed : int
         Seeds the :class:`NodeSampler`.
+    expected_examples : float or None
+        What an honest reply's ``num-examples`` is: larger claims count as this. None trusts
+        every claim.
+    gated_layers : int
+        How many per-layer ratios a target node's ``layer-active`` lists.
     """
 
     def __init__(
@@ -66,8 +70,12 @@ class MetaLearningStrategy(Strategy):
         min_train_replies: int,
         eval_nodes: int = 0,
         seed: int = 0,
+        expected_examples: float | None = None,
+        gated_layers: int = 0,
     ) -> None:
         self.server_step = server_step
+        self.expected_examples = expected_examples
+        self.layers = gated_layers
         self.train_nodes = dict(train_nodes)
         self.target_nodes = dict(target_nodes)
         self.clients_per_round = clients_per_round
@@ -134,37 +142,59 @@ class MetaLearningStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         expected = self.server_step.expected_shapes()
+        partition_of = {node: p for p, node in self.train_nodes.items()}
         valid: list[Message] = []
+        rejected: list[str] = []
         for msg in replies:
-            problem = update_problem(msg, expected)
+            node = msg.metadata.src_node_id
+            problem = update_problem(msg, expected) or train_metrics_problem(msg)
+            if problem is None and node not in partition_of:
+                problem = "it is not a training node of this run"
             if problem is None:
                 valid.append(msg)
             else:
+                rejected.append(f"node {node}: {problem}")
                 log(
                     WARNING,
                     "round %d: reply from node %d left out: %s",
                     server_round,
-                    msg.metadata.src_node_id,
+                    node,
                     problem,
                 )
         if len(valid) < self.min_train_replies:
             raise RoundFailed(
                 f"round {server_round}: {len(valid)} usable replies, at least "
-                f"{self.min_train_replies} needed (federation.min_train_replies)"
+                f"{self.min_train_replies} needed (federation.min_train_replies); left out: "
+                + ("; ".join(rejected) or "none (too few nodes answered)")
             )
-        # A fixed order makes the floating-point sum, and so a resumed run, reproducible.
-        valid.sort(key=lambda m: int(m.content[METRICS].get(PARTITION_KEY, m.metadata.src_node_id)))
-        examples = [float(m.content[METRICS][NUM_EXAMPLES]) for m in valid]
+        # A fixed order (the server's own partition ids, not a reply's claim) makes the
+        # floating-point sum, and so a resumed run, reproducible.
+        valid.sort(key=lambda m: partition_of[m.metadata.src_node_id])
+        weights = [self._weight(server_round, m) for m in valid]
         updates = [
             {n: torch.from_numpy(m.content[UPDATE][n].numpy()) for n in expected} for m in valid
         ]
-        self.server_step.apply(updates, examples)
-
-        weights = np.asarray(examples) / sum(examples)
+        try:
+            report = self.server_step.apply(updates, weights, server_round)
+        except RoundFailed as error:
+            raise RoundFailed(f"{error}; left out before it: {rejected or 'none'}") from error
+        if report.clipped:
+            nodes = [valid[i].metadata.src_node_id for i in report.clipped]
+            log(
+                INFO,
+                "round %d: updates of nodes %s clipped to norm %.3g (norms %s)",
+                server_round,
+                nodes,
+                report.bound,
+                [f"{report.norms[i]:.3g}" for i in report.clipped],
+            )
+        share = np.asarray(weights) / sum(weights)
         metrics = MetricRecord(
             {
                 "replies": len(valid),
                 "sampled": self.clients_per_round,
+                "clipped": len(report.clipped),
+                "update-norm": float(np.median(report.norms)),
                 # Payload per client and round: the parameters down, the update back up.
                 "bytes-down": self.arrays().count_bytes(),
                 "bytes-up": float(np.mean([m.content[UPDATE].count_bytes() for m in valid])),
@@ -173,8 +203,24 @@ class MetaLearningStrategy(Strategy):
         for key in TRAIN_METRICS:
             values = [float(m.content[METRICS][key]) for m in valid if key in m.content[METRICS]]
             if len(values) == len(valid):
-                metrics[key] = float(np.dot(weights, values))
+                metrics[key] = float(np.dot(share, values))
         return self.arrays(), metrics
+
+    def _weight(self, server_round: int, msg: Message) -> float:
+        """The reply's claimed example count, bounded by what its task holds (if known)."""
+        claimed = float(msg.content[METRICS][NUM_EXAMPLES])
+        if self.expected_examples is None or claimed <= self.expected_examples:
+            return claimed
+        log(
+            WARNING,
+            "round %d: node %d claims %g examples, its task holds %g: counted as %g",
+            server_round,
+            msg.metadata.src_node_id,
+            claimed,
+            self.expected_examples,
+            self.expected_examples,
+        )
+        return self.expected_examples
 
     # --------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -208,7 +254,29 @@ class MetaLearningStrategy(Strategy):
                     msg.metadata.src_node_id,
                     msg.error.reason,
                 )
-            elif METRICS in msg.content.metric_records:
+            elif msg.metadata.src_node_id not in partition_of:
+                log(
+                    WARNING,
+                    "round %d: evaluation from unknown node %d left out",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+            elif METRICS not in msg.content.metric_records:
+                log(
+                    WARNING,
+                    "round %d: evaluation from node %d has no metrics",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+            elif problem := report_problem(msg.content[METRICS], self.layers):
+                log(
+                    WARNING,
+                    "round %d: evaluation from node %d left out: %s",
+                    server_round,
+                    msg.metadata.src_node_id,
+                    problem,
+                )
+            else:
                 reports[partition_of[msg.metadata.src_node_id]] = dict(msg.content[METRICS])
         if not reports:
             log(WARNING, "round %d: no target node reported", server_round)

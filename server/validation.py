@@ -9,10 +9,16 @@ import numpy as np
 from flwr.app import Message
 
 from gating.federated.protocol import METRICS, NUM_EXAMPLES, UPDATE
+from gating.federated.server_step import RoundFailed
 
+__all__ = ["RoundFailed", "train_metrics_problem", "update_problem"]
 
-class RoundFailed(RuntimeError):
-    """Too few usable replies for a round: continuing would silently train on noise."""
+#: What a training reply may report besides its example count, and the plausible range.
+TRAIN_METRIC_RANGES = {
+    "query-loss": (0.0, math.inf),
+    "query-accuracy": (0.0, 1.0),
+    "flops-ratio": (0.0, 2.0),
+}
 
 
 def update_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -46,4 +52,18 @@ def update_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str
             return f"{name}: dtype {array.dtype}, expected a float type"
         if not np.isfinite(array).all():
             return f"{name}: non-finite values"
+    return None
+
+
+def train_metrics_problem(msg: Message) -> str | None:
+    """Why a training reply's measurements cannot be believed, or None."""
+    metrics = msg.content.metric_records[METRICS]
+    for key, (low, high) in TRAIN_METRIC_RANGES.items():
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{key} is {value!r}, not a number"
+        if not math.isfinite(value) or not low <= value <= high:
+            return f"{key}={value} is outside [{low}, {high}]"
     return None

@@ -7,6 +7,7 @@ run's figures (mean and 95% interval over tasks, one task per node).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,6 +65,37 @@ def evaluate_node(
             support.x, support.y, query.x, query.y
         ),
     }
+
+
+#: Valid ranges of a target node's report: values outside mean a broken or lying node.
+_RANGES = {
+    "accuracy": (0.0, 1.0),
+    "accuracy-transductive": (0.0, 1.0),
+    "accuracy-before": (0.0, 1.0),
+    "nearest-centroid-accuracy": (0.0, 1.0),
+    "loss": (0.0, math.inf),
+    "flops-ratio": (0.0, 2.0),
+    "macs": (0.0, math.inf),
+    "dense-macs": (1.0, math.inf),
+}
+
+
+def report_problem(report: Mapping[str, Any], layers: int) -> str | None:
+    """Why a target node's report cannot be counted, or None when it is plausible."""
+    for key, (low, high) in _RANGES.items():
+        value = report.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{key} is {value!r}, not a number"
+        if not math.isfinite(value):
+            return f"{key} is {value}"
+        if not low <= value <= high:
+            return f"{key}={value} is outside [{low}, {high}]"
+    active = report.get("layer-active")
+    if not isinstance(active, list | tuple) or len(active) != layers:
+        return f"layer-active must list {layers} ratios, got {active!r}"
+    if not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in active):
+        return f"layer-active ratios must lie in [0, 1], got {list(active)}"
+    return None
 
 
 def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:

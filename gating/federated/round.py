@@ -16,7 +16,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from conf.choices import Weighting
 from gating.data import NodeTask
+from gating.federated.aggregation import AggregationRule
 from gating.federated.nodes import node_task
 from gating.federated.server_step import Params, ServerStep
 from gating.federated.settings import (
@@ -25,7 +27,12 @@ from gating.federated.settings import (
     model_spec,
     regularizer_weight,
 )
-from gating.federated.updates import ClientRound, ClientUpdate, client_update
+from gating.federated.updates import (
+    ClientRound,
+    ClientUpdate,
+    client_update,
+    expected_examples,
+)
 from gating.model import BACKBONE, GATE
 
 
@@ -54,14 +61,36 @@ class NodeSampler:
         self.rng.setstate(state)
 
 
+def aggregation_rule(cfg: DictConfig) -> AggregationRule:
+    return AggregationRule(
+        clip=cfg.robust.clip,
+        clip_factor=cfg.robust.clip_factor,
+        clip_norm=cfg.robust.clip_norm,
+        aggregation=cfg.robust.aggregation,
+        trim_fraction=cfg.robust.trim_fraction,
+        noise_multiplier=cfg.privacy.noise_multiplier,
+        dp_clip_norm=cfg.privacy.clip_norm,
+    )
+
+
 def server_step_for(cfg: DictConfig, params: Params) -> ServerStep:
-    """The run's server optimizers over ``params``."""
+    """The run's server optimizers and aggregation over ``params``."""
     return ServerStep(
         params,
         learned_groups(cfg),
         cfg.meta.optimizer,
         {BACKBONE: cfg.meta.backbone_lr, GATE: cfg.meta.gate_lr},
+        aggregation_rule(cfg),
+        cfg.seed,
     )
+
+
+def reply_weight(cfg: DictConfig, claimed: float) -> float:
+    """A reply's weight in the mean: the client's claim, bounded by what the server knows the
+    node's task holds (``robust.weighting=expected``), or the bare claim (``claimed``)."""
+    if cfg.robust.weighting is Weighting.claimed:
+        return claimed
+    return min(claimed, float(expected_examples(cfg)))
 
 
 @dataclass

@@ -1,14 +1,17 @@
-"""The server's half of a round: average the clients' update directions, step the optimizers.
+"""The server's half of a round: aggregate the clients' update directions, step the optimizers.
 
 Every strategy shares it. A client sends a direction per learned parameter (a meta-gradient, or
-``θ - θ_local`` for the local-training baselines); the server takes their example-weighted mean
-as the gradient of one optimizer per parameter group (backbone, gate), with its own learning
-rate and its state kept across rounds. Plain SGD with learning rate 1 on ``θ - θ_local`` is
-exactly FedAvg's model average.
+``θ - θ_local`` for the local-training baselines); the server aggregates them
+(``gating.federated.aggregation``: norm bounds, then the weighted mean or a robust rule) into
+the gradient of one optimizer per parameter group (backbone, gate), with its own learning rate
+and its state kept across rounds. Plain SGD with learning rate 1 on the mean of
+``θ - θ_local`` is exactly FedAvg's model average. A step that would leave a non-finite
+parameter or optimizer state is undone and the round fails: no broken model is ever kept.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,10 +19,16 @@ import torch
 from torch import Tensor
 
 from conf.choices import ServerOptimizer
+from gating.federated.aggregation import AggregationReport, AggregationRule, aggregate
 from gating.model import BACKBONE, GATE, group_of
 
 GROUPS = (BACKBONE, GATE)
 Params = dict[str, Tensor]
+
+
+class RoundFailed(RuntimeError):
+    """A round cannot update the model (too few usable replies, a non-finite result): the
+    parameters stay as they were, so the last checkpoint stays the last good model."""
 
 
 def make_optimizer(kind: ServerOptimizer | str, params: list[Tensor], lr: float):
@@ -42,6 +51,10 @@ class ServerStep:
         The kind of every group's optimizer.
     lrs : mapping of group to float
         Each group's learning rate.
+    rule : AggregationRule
+        Norm bounds and the aggregation rule (default: adaptive clipping, weighted mean).
+    seed : int
+        Seeds the differential-privacy noise, per round (a resumed run draws the same).
     """
 
     def __init__(
@@ -50,7 +63,11 @@ class ServerStep:
         learned_groups: Sequence[str],
         optimizer: ServerOptimizer | str,
         lrs: Mapping[str, float],
+        rule: AggregationRule | None = None,
+        seed: int = 0,
     ) -> None:
+        self.rule = AggregationRule() if rule is None else rule
+        self.seed = seed
         self._leaves = {n: torch.nn.Parameter(t.detach().clone()) for n, t in params.items()}
         self.learned = [n for n in self._leaves if group_of(n) in learned_groups]
         self.optimizers = {
@@ -68,33 +85,79 @@ class ServerStep:
         """What every client update must hold: each learned parameter's name and shape."""
         return {n: tuple(self._leaves[n].shape) for n in self.learned}
 
-    def apply(self, updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> Params:
-        """Step with the ``weights``-weighted mean of ``updates`` (summed in the given order,
-        which callers fix, so that a resumed run adds in the same order)."""
-        if not updates or len(updates) != len(weights):
-            raise ValueError(f"{len(updates)} updates and {len(weights)} weights")
-        weight = torch.tensor([float(w) for w in weights])
-        weight = weight / weight.sum()
+    def apply(
+        self,
+        updates: Sequence[Mapping[str, Tensor]],
+        weights: Sequence[float],
+        server_round: int = 0,
+    ) -> AggregationReport:
+        """Step with the aggregate of ``updates`` (in the given order, which callers fix, so
+        that a resumed run adds in the same order). Raises :class:`RoundFailed`, with nothing
+        changed, when the result would not be finite."""
+        generator = None
+        if self.rule.private:
+            generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + server_round)
+        direction, report = aggregate(updates, weights, self.rule, generator)
+        before = self.state_dict()
+        problem = None
+        try:
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            for name in self.learned:
+                leaf = self._leaves[name]
+                leaf.grad = direction[name].to(leaf.dtype)
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+        except (RuntimeError, FloatingPointError) as error:  # e.g. an overflowing step size
+            problem = f"the optimizer step failed ({error})"
+        if problem is None and not self._finite():
+            problem = "the aggregated update made the model or its optimizer state non-finite"
+        if problem is not None:
+            self.load_state_dict(before)
+            norms = [f"{n:.3g}" for n in report.norms]
+            raise RoundFailed(
+                f"round {server_round}: {problem} (update norms {norms}); the step was undone"
+            )
+        return report
+
+    def _finite(self) -> bool:
+        tensors = list(self._leaves.values())
         for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        for name in self.learned:
-            leaf = self._leaves[name]
-            stacked = torch.stack([u[name].to(leaf.dtype) for u in updates])
-            leaf.grad = torch.tensordot(weight.to(stacked.dtype), stacked, dims=1)
-        for optimizer in self.optimizers.values():
-            optimizer.step()
-        return self.params
+            for state in optimizer.state.values():
+                tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """A copy (the optimizers' own state_dict shares their live tensors)."""
         return {
             "params": {n: p.detach().clone() for n, p in self._leaves.items()},
-            "optimizers": {g: opt.state_dict() for g, opt in self.optimizers.items()},
+            "optimizers": {g: copy.deepcopy(o.state_dict()) for g, o in self.optimizers.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; names and shapes must match exactly."""
+        params = state["params"]
+        if set(params) != set(self._leaves):
+            missing, extra = set(self._leaves) - set(params), set(params) - set(self._leaves)
+            raise ValueError(
+                f"saved parameters do not match the model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(extra)[:3]}"
+            )
+        for name, value in params.items():
+            leaf = self._leaves[name]
+            if tuple(value.shape) != tuple(leaf.shape) or not value.is_floating_point():
+                raise ValueError(
+                    f"saved parameter {name} is {tuple(value.shape)} {value.dtype}, the model "
+                    f"needs {tuple(leaf.shape)} floats"
+                )
         with torch.no_grad():
-            for name, value in state["params"].items():
+            for name, value in params.items():
                 self._leaves[name].copy_(value)
+        if set(state["optimizers"]) != set(self.optimizers):
+            raise ValueError(
+                f"saved optimizers {sorted(state['optimizers'])} do not match "
+                f"{sorted(self.optimizers)}"
+            )
         for group, opt_state in state["optimizers"].items():
             self.optimizers[group].load_state_dict(opt_state)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from conf.choices import StrategyName
+from conf.choices import TRAITS, StrategyName
 from gating.data import NodeTask
 from gating.federated.settings import (
     episode_rng,
@@ -127,6 +127,13 @@ def perfedavg_client_update(job: ClientRound) -> ClientUpdate:
     return ClientUpdate(
         step.update, cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
     )
+
+
+def expected_examples(cfg: DictConfig) -> int:
+    """The examples an honest client's update rests on: what the server bounds claims by."""
+    if TRAITS[StrategyName(cfg.strategy.name)].reads_local:
+        return cfg.local.steps * cfg.task.ways
+    return cfg.task.tasks_per_client * cfg.task.ways * cfg.task.queries
 
 
 CLIENT_UPDATES: dict[StrategyName, Callable[[ClientRound], ClientUpdate]] = {

@@ -52,6 +52,10 @@ class ModelSpec:
         return sizes
 
     @property
+    def gated_layers(self) -> int:
+        return self.depth
+
+    @property
     def head_features(self) -> int:
         side = self.layer_sizes()[-1]
         return self.width * side * side
