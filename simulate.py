@@ -15,9 +15,13 @@ the end and the exit status is non-zero (``analysis.runs.SweepFailures``). ``mai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 # Flower reads these at import time: no telemetry, no update check, state kept in the project.
@@ -39,19 +43,60 @@ ConfigStore.instance().store(name="base_config", node=SimulateConfig)
 log = logging.getLogger("simulate")
 
 
+def gpu_resources(cfg: DictConfig) -> tuple[float, int]:
+    """(GPU share per ClientApp actor, GPUs Ray may use), checked before Ray starts.
+
+    By default a CUDA run shares one GPU among all the actors this machine runs (Ray packs
+    them by their CPU count) and lets Ray see every GPU; a CPU run asks for none.
+    """
+    import torch
+
+    from gating.federated.settings import resolve_device
+
+    device = resolve_device(cfg.device)  # refuses cuda where torch sees none, naming `device`
+    visible = torch.cuda.device_count()
+    if device.type == "cuda" and device.index is not None and device.index >= visible:
+        raise ValueError(
+            f"config key device={cfg.device}: only {visible} CUDA device(s) are visible here"
+        )
+    actors = max(1, int(cfg.ray.num_cpus // cfg.ray.client_cpus))
+    client_gpus = cfg.ray.client_gpus
+    if client_gpus is None:
+        client_gpus = 1.0 / actors if device.type == "cuda" else 0.0
+    num_gpus = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else visible
+    if client_gpus > 0 and visible == 0 and not cfg.ray.address:
+        raise ValueError(
+            f"config key ray.client_gpus={client_gpus}: torch sees no GPU here; set it to 0 "
+            "(or leave it unset) to run the clients on the CPU"
+        )
+    if client_gpus > 0 and num_gpus == 0 and not cfg.ray.address:
+        raise ValueError(
+            f"config key ray.num_gpus=0 with ray.client_gpus={client_gpus}: no actor could "
+            "start; give Ray the GPUs (leave ray.num_gpus unset)"
+        )
+    return float(client_gpus), int(num_gpus)
+
+
 def backend_config(cfg: DictConfig) -> dict:
     """Flower's Ray backend settings: a Ray of the run's own, or an existing cluster.
 
-    Without ``ray.address`` the run starts a private Ray of ``ray.num_cpus`` CPUs: address
-    "local" keeps a plain ray.init() from joining a cluster that `ray start` left on this machine
-    (or RAY_ADDRESS names), which would fail on the CPU count. Attaching passes only the address:
-    Ray refuses CPU counts for a running cluster, whose nodes declared their own resources.
+    Without ``ray.address`` the run starts a private Ray of ``ray.num_cpus`` CPUs (and the
+    GPUs of :func:`gpu_resources`): address "local" keeps a plain ray.init() from joining a
+    cluster that `ray start` left on this machine (or RAY_ADDRESS names), which would fail on
+    the CPU count. Attaching passes only the address: Ray refuses resource counts for a
+    running cluster, whose nodes declared their own resources.
     """
-    init_args: dict = {"address": "local", "num_cpus": cfg.ray.num_cpus, "include_dashboard": False}
+    client_gpus, num_gpus = gpu_resources(cfg)
+    init_args: dict = {
+        "address": "local",
+        "num_cpus": cfg.ray.num_cpus,
+        "num_gpus": num_gpus,
+        "include_dashboard": False,
+    }
     if cfg.ray.address:
         init_args = {"address": cfg.ray.address}
     return {
-        "client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cfg.ray.client_cpus, "num_gpus": client_gpus},
         "init_args": init_args,
     }
 
@@ -91,10 +136,42 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Fail in one clear line, before Ray starts, when the dataset cannot be read at all."""
-    from gating.data import load_dataset
+    """Fail in one clear line, before Ray starts, when the run cannot work: a device that is
+    not here, a missing or malformed dataset, too few classes for ``task.ways``, too few
+    samples per class, images the model cannot take. Every node checks both roles' classes,
+    so building one training and one target node here finds what every node would."""
+    from gating.federated.nodes import node_task
+    from gating.federated.settings import model_spec
 
-    load_dataset(cfg.dataset.name, cfg.dataset.path, cfg.dataset.image_size)
+    gpu_resources(cfg)
+    fed = cfg.federation
+    partitions = fed.train_nodes + fed.target_nodes
+    for partition in (0, partitions - 1):
+        task = node_task(cfg, {"partition-id": partition, "num-partitions": partitions})
+    model_spec(cfg, task)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM ask the run to stop: it ends within a poll interval, the last
+    completed round's checkpoint intact. A second Ctrl-C interrupts at once."""
+    from server.federation import STOP_REQUESTED
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.warning("%s: stopping after the round in flight", signal.Signals(signum).name)
+        STOP_REQUESTED.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    STOP_REQUESTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may handle signals
+        return
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def objective(cfg: DictConfig, summary: dict) -> float:
@@ -113,13 +190,36 @@ def objective(cfg: DictConfig, summary: dict) -> float:
 
 def run(cfg: DictConfig, out_dir: Path) -> float:
     """Check the settings and the data, run the federation, and score it for a sweeper."""
+    from server.federation import RunInterrupted
+
     validate(cfg)
     preflight(cfg)
-    simulate(cfg, out_dir)
+    try:
+        with stop_on_signals():
+            simulate(cfg, out_dir)
+    except Exception as error:
+        if _interrupted(error):
+            raise RunInterrupted(
+                f"stopped on request; the last completed round is checkpointed in {out_dir}: "
+                f"continue with the same command plus resume=true hydra.run.dir={out_dir}"
+            ) from None
+        raise
     summary = json.loads((out_dir / "summary.json").read_text())
     value = objective(cfg, summary)
     log.info("objective %s = %.4f", cfg.sweep.objective, value)
     return value
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Whether ``error`` is (or was caused by) a requested stop: Flower re-raises the
+    ServerApp's exception, or wraps it in its own."""
+    from server.federation import RunInterrupted
+
+    while error is not None:
+        if isinstance(error, RunInterrupted):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -128,6 +228,8 @@ def main(cfg: DictConfig) -> float | None:
 
     The failed job returns None: Optuna counts it as a failed trial and samples on.
     """
+    from server.federation import RunInterrupted
+
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -135,7 +237,9 @@ def main(cfg: DictConfig) -> float | None:
     clear_failure(out_dir)  # a job rerun in the folder of an earlier failure
     try:
         return run(cfg, out_dir)
-    except Exception as error:  # one failed job must not end the sweep (Ctrl-C still does)
+    except RunInterrupted:
+        raise  # Ctrl-C ends the sweep; rerunning the same command continues it
+    except Exception as error:  # one failed job must not end the sweep
         log.exception("job %s failed", hydra_cfg.job.num)
         write_failure(out_dir, error)
         return None

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.choices import TRAITS, StrategyName
 from conf.schema import settings_from_flat, to_flat
+from server.checkpoint import RunFolderError, check_run_folder
 from server.results import TASK_ACCURACY_FILE
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
@@ -82,18 +83,32 @@ def load_run(path: Path) -> Run:
     config = path / "config.yaml"
     if not config.exists():
         config = path / ".hydra" / "config.yaml"
-    run = Run(path=path, config=_flat_config(config))
-    if (path / "summary.json").exists():
-        run.summary = json.loads((path / "summary.json").read_text())
-    if (path / "history.json").exists():
-        run.history = json.loads((path / "history.json").read_text())
-    if (path / TASK_ACCURACY_FILE).exists():
-        run.task_accuracy = json.loads((path / TASK_ACCURACY_FILE).read_text())
+    try:
+        run = Run(path=path, config=_flat_config(config))
+    except Exception as error:  # a damaged config: the run is listed, not the report lost
+        return Run(path=path, config={}, failure=f"unreadable {config.name}: {error}")
+    try:
+        run.summary = _read_json(path / "summary.json")
+        run.history = _read_json(path / "history.json") or []
+        run.task_accuracy = _read_json(path / TASK_ACCURACY_FILE) or {}
+    except ValueError as error:
+        run.summary, run.failure = None, str(error)
+        return run
     if (path / FAILURE_FILE).exists():
         run.failure = (path / FAILURE_FILE).read_text().strip()
     elif run.summary is None:
         run.failure = "no summary.json (interrupted or still running)"
     return run
+
+
+def _read_json(path: Path) -> Any:
+    """The file's content, None when it is absent; ValueError naming a damaged file."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path.name} is damaged ({error}), so this run is left out") from error
 
 
 def find_runs(*roots: Path) -> list[Run]:
@@ -142,6 +157,20 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
         for marker in sorted(sweep_dir.rglob(FAILURE_FILE))
         if marker.stat().st_mtime >= since
     ]
+
+
+class RunFolderGuard(Callback):
+    """Before a single run writes anything (Hydra's own launch record included): refuse a
+    folder that holds results unless ``resume=true``, and a resume that cannot work. A
+    refused start therefore changes nothing in the folder."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(str(config.hydra.run.dir))
+        try:
+            check_run_folder(folder, bool(config.resume), to_flat(config))
+        except RunFolderError as error:
+            # Hydra's callback runner swallows exceptions but not SystemExit.
+            raise SystemExit(f"error: {error}") from error
 
 
 class SweepFailures(Callback):

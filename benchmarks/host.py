@@ -1,4 +1,5 @@
-"""One line describing the machine a benchmark ran on (shared by every script here)."""
+"""What every benchmark script shares: the machine it ran on, and the run configuration that
+``python simulate.py <overrides>`` would compose."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import platform
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def describe_host() -> str:
@@ -24,3 +28,14 @@ def describe_host() -> str:
         f"{cpu}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), Python "
         f"{platform.python_version()}, torch {torch.__version__}, flwr {flwr.__version__}"
     )
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The configuration ``python simulate.py <overrides>`` would run."""
+    from hydra import compose, initialize_config_dir
+
+    from conf.schema import validate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    return validate(cfg)

@@ -67,14 +67,12 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import torch  # noqa: E402
 from flwr.app import Context, Message, MessageType  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from host import describe_host  # noqa: E402  (benchmarks/host.py; the script folder is on sys.path)
-from hydra import compose, initialize_config_dir  # noqa: E402
+from host import compose_config, describe_host  # noqa: E402  (benchmarks/host.py; the script folder is on sys.path)
 from omegaconf import DictConfig  # noqa: E402
 
 import client.app as client_app_module  # noqa: E402
 import server.app as server_app_module  # noqa: E402
 import simulate  # noqa: E402
-from conf.schema import validate  # noqa: E402
 from gating.federated.protocol import CONFIG, METRICS, ROUND_KEY  # noqa: E402
 from gating.federated.round import BareFederation  # noqa: E402
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
@@ -83,13 +81,6 @@ PHASES = ("1actor", "1actor_pull", "1actor_pump", "2actors")
 CLIENTAPP_SECONDS = "clientapp-seconds"
 CLIENTAPP_NICE = "clientapp-nice"
 RAY_WORKER_NICENESS = 15  # Ray's default for its workers; read back from the actors
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The configuration ``python simulate.py <overrides>`` would run."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    return validate(cfg)
 
 
 # --------------------------------------------------------------------------- the bare loop

@@ -50,21 +50,11 @@ os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr_home"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from flwr.app import MessageType  # noqa: E402
-from host import describe_host  # noqa: E402  (benchmarks/host.py; the script folder is on sys.path)
-from hydra import compose, initialize_config_dir  # noqa: E402
+from host import compose_config, describe_host  # noqa: E402  (benchmarks/host.py; the script folder is on sys.path)
 from omegaconf import DictConfig  # noqa: E402
 
 import server.app as server_app_module  # noqa: E402
 import simulate  # noqa: E402
-from conf.schema import validate  # noqa: E402
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The configuration ``python simulate.py <overrides>`` would run."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    return validate(cfg)
-
 
 # --------------------------------------------------------------------------- memory
 

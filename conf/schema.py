@@ -14,7 +14,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from conf.choices import (
-    TRAITS,
     AdaptOrder,
     Aggregation,
     Clipping,
@@ -27,6 +26,16 @@ from conf.choices import (
     TrainGates,
     Weighting,
 )
+from conf.validation import validate
+
+__all__ = [
+    "RunConfig",
+    "SimulateConfig",
+    "default_config",
+    "settings_from_flat",
+    "to_flat",
+    "validate",
+]
 
 
 @dataclass
@@ -45,6 +54,7 @@ class TaskConfig:
     holdout_samples: float = 0.3  # fraction of each class's samples reserved for target nodes
     holdout_classes: str = "auto"  # "auto" or a fraction of classes reserved for target nodes
     tasks_per_client: int = 1  # episodes a training node meta-learns on per round
+    batched: bool = False  # a client's episodes as one vmapped computation (faster on a GPU)
 
 
 @dataclass
@@ -150,6 +160,10 @@ class RayConfig:
     num_cpus: int = 2  # CPUs Ray may use on this machine (ignored when attaching to a cluster)
     client_cpus: float = 1.0  # CPUs per ClientApp actor: 2 cores -> 2 actors
     address: str | None = None  # attach to an existing Ray cluster (e.g. "127.0.0.1:6379")
+    # GPU share each ClientApp actor reserves (0.25: four actors per GPU); None: when the run's
+    # device is CUDA, one GPU shared by all actors of this machine, else 0.
+    client_gpus: float | None = None
+    num_gpus: int | None = None  # GPUs Ray may use; None: every visible one for a CUDA device
 
 
 @dataclass
@@ -173,6 +187,9 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # Where clients compute: auto (CUDA when torch sees a GPU, else CPU), cpu, cuda, cuda:N.
+    # Payloads travel as CPU arrays; the server aggregates on the CPU.
+    device: str = "auto"
     seed: int = 0
     resume: bool = False
 
@@ -194,46 +211,6 @@ class SimulateConfig(RunConfig):
     """
 
     sweep: SweepConfig = field(default_factory=SweepConfig)
-
-
-def validate(cfg: DictConfig) -> DictConfig:
-    """Checks types cannot express: ranges and what settings imply for each other. Choices are
-    enums (conf.choices), checked when the config is read. Raises ValueError naming the key."""
-    traits = TRAITS[StrategyName(cfg.strategy.name)]
-    fed = cfg.federation
-    checks = [
-        (
-            "gating.enabled",
-            cfg.gating.enabled == traits.gated,
-            f"{str(traits.gated).lower()} for strategy {cfg.strategy.name}",
-        ),
-        (
-            "meta.first_order",
-            traits.first_order is None or cfg.meta.first_order == traits.first_order,
-            f"{str(traits.first_order).lower()} for strategy {cfg.strategy.name}",
-        ),
-        ("task.ways", cfg.task.ways >= 2, ">= 2"),
-        ("task.shots", cfg.task.shots >= 1, ">= 1"),
-        ("task.queries", cfg.task.queries >= 1, ">= 1"),
-        ("federation.train_nodes", fed.train_nodes >= 1, ">= 1"),
-        ("federation.target_nodes", fed.target_nodes >= 1, ">= 1"),
-        (
-            "federation.clients_per_round",
-            1 <= fed.clients_per_round <= fed.train_nodes,
-            "between 1 and federation.train_nodes",
-        ),
-        ("federation.rounds", fed.rounds >= 1, ">= 1"),
-        ("federation.eval_every", fed.eval_every >= 1, ">= 1"),
-        ("gating.target_ratio", 0 < cfg.gating.target_ratio <= 1.5, "in (0, 1.5]"),
-    ]
-    if "sweep" in cfg:
-        checks.append(("sweep.penalty", cfg.sweep.penalty >= 0, ">= 0"))
-    for key, ok, expected in checks:
-        if not ok:
-            raise ValueError(
-                f"config key {key}={OmegaConf.select(cfg, key)!r} is invalid: expected {expected}"
-            )
-    return cfg
 
 
 def default_config() -> DictConfig:

@@ -143,13 +143,21 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
                 f"{run_dir / name} does not exist: give the folder of a run of simulate.py "
                 "(it holds config.yaml and checkpoint.pt)"
             )
-    cfg = OmegaConf.load(run_dir / CONFIG)
+    try:
+        cfg = OmegaConf.load(run_dir / CONFIG)
+    except Exception as error:  # a damaged YAML file
+        raise ValueError(f"{run_dir / CONFIG} is not readable: {error}") from error
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{run_dir / CONFIG} is not a run configuration")
-    # weights_only=False: the checkpoint holds Python RNG state and plain dicts the run wrote.
-    state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-    params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
-    return cfg, params, int(state["round"])
+    try:  # weights_only: a checkpoint that carries code is refused, not run
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
+        return cfg, params, int(state["round"])
+    except Exception as error:
+        raise ValueError(
+            f"{run_dir / CHECKPOINT} is not a readable checkpoint of this project: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
 
 
 def reported_accuracy(run_dir: Path, partition: int) -> float | None:

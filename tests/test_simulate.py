@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from conf.schema import settings_from_flat, to_flat
 from gating.federated.round import BareFederation
+from server.checkpoint import read_history
 from tests.support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,12 @@ TINY = [
     "model.width=16",
     "task.queries=5",
 ]
+
+
+def rounds_done(run_dir: Path) -> int:
+    """Completed rounds of a running run, from its append-only history."""
+    path = run_dir / "history.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def simulate(tmp_path: Path, run_dir: Path, *overrides: str, timeout: float = 300):
@@ -102,7 +109,7 @@ def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
         bare = BareFederation(cfg).train(12)
     finally:
         torch.set_num_threads(threads)
-    final = torch.load(run / "checkpoint.pt", weights_only=False)["strategy"]["params"]
+    final = torch.load(run / "checkpoint.pt", weights_only=True)["strategy"]["params"]
     for name, value in bare.items():
         torch.testing.assert_close(final[name], value, rtol=0, atol=0)
     # A finished run is never overwritten by accident.
@@ -128,8 +135,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            history = interrupted / "history.json"
-            if history.exists() and len(json.loads(history.read_text() or "[]")) >= 3:
+            if rounds_done(interrupted) >= 3:
                 break
             time.sleep(0.2)
         else:
@@ -142,8 +148,8 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     resumed = simulate(tmp_path, interrupted, *overrides, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming after round" in resumed.stdout + resumed.stderr
-    final_a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    final_b = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    final_a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    final_b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
     assert final_b["round"] == final_a["round"] == 6
     for name, value in final_a["strategy"]["params"].items():
         torch.testing.assert_close(final_b["strategy"]["params"][name], value, rtol=0, atol=0)
@@ -160,16 +166,51 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     again = simulate(tmp_path, straight, *overrides, "resume=true")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((straight / "task_accuracy.json").read_text()) == tasks_a
-    final_state = torch.load(straight / "checkpoint.pt", weights_only=False)
+    final_state = torch.load(straight / "checkpoint.pt", weights_only=True)
     assert final_state["round"] == 6
-    # the final evaluation is in the checkpoint's history too, so an extension keeps it
-    assert final_state["history"][-1]["accuracy"] == pytest.approx(
+    # the final evaluation is in the run's history too, so an extension keeps it
+    assert read_history(straight, 6)[-1]["accuracy"] == pytest.approx(
         json.loads((straight / "summary.json").read_text())["accuracy"]
     )
     fewer = simulate(
         tmp_path, straight, *TINY, "federation.rounds=5", "federation.eval_every=3", "resume=true"
     )
     assert fewer.returncode != 0 and "past federation.rounds=5" in fewer.stderr + fewer.stdout
+
+    # Ctrl-C (SIGINT to the terminal's process group) stops the run within seconds, with the
+    # last completed round's checkpoint intact; resume=true then finishes it, identically.
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={stopped}"],
+        cwd=ROOT,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while rounds_done(stopped) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        asked = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        took = time.monotonic() - asked
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    assert took < 15, f"took {took:.1f} s to stop"
+    assert process.returncode != 0 and "resume=true" in output, output[-2000:]
+    assert not (stopped / "summary.json").exists()
+    done = torch.load(stopped / "checkpoint.pt", weights_only=True)["round"]
+    assert 2 <= done < 6
+    resumed = simulate(tmp_path, stopped, *overrides, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final_c = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    for name, value in final_a["strategy"]["params"].items():
+        torch.testing.assert_close(final_c["strategy"]["params"][name], value, rtol=0, atol=0)
 
 
 def test_a_missing_dataset_fails_before_ray_starts_and_says_how_to_get_it(tmp_path):

@@ -419,15 +419,26 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
             )
         images = x.astype(np.float32) / np.float32(255.0)
     elif np.issubdtype(x.dtype, np.floating):
-        images = x.astype(np.float32)  # float images are taken as given
+        images = x.astype(np.float32)
         if not np.isfinite(images).all():
             raise DatasetError(
                 f"npz file {path}: 'x' has {int((~np.isfinite(images)).sum())} non-finite values "
                 "(NaN or inf) after conversion to float32; clean the data"
             )
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DatasetError(
+                f"npz file {path}: float 'x' has values {lo:g}..{hi:g}; float images must lie "
+                "in [0, 1] (divide 0..255 pixels by 255, or store them as uint8)"
+            )
     else:
         raise DatasetError(
             f"npz file {path}: 'x' has dtype {x.dtype}; expected uint8 (0..255) or float"
+        )
+    if images.ndim == 4 and images.shape[3] > 4 and images.shape[1] <= 4:
+        raise DatasetError(
+            f"npz file {path}: 'x' has shape {x.shape}, which looks channel-first "
+            "(N,C,H,W); store images as (N,H,W) or (N,H,W,C), e.g. x.transpose(0, 2, 3, 1)"
         )
     images = images[:, None, :, :] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
 

@@ -16,7 +16,13 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from gating.data import NodeTask
-from gating.federated.settings import meta_config, model_for, model_spec, seed_torch
+from gating.federated.settings import (
+    meta_config,
+    model_for,
+    model_spec,
+    resolve_device,
+    seed_torch,
+)
 from gating.meta import Batch, evaluate_adaptation, nearest_centroid_accuracy
 from gating.model import dense_macs
 from gating.stats import mean_ci95
@@ -45,11 +51,13 @@ def evaluate_node(
     """One ``Adapt`` on the node's support episode; metrics on its query episode."""
     spec = model_spec(cfg, task)
     model = model_for(spec)
+    device = resolve_device(cfg.device)
     episode = task.fixed_episode()
-    support = Batch(episode.support_x, episode.support_y)
-    query = Batch(episode.query_x, episode.query_y)
+    support = Batch(episode.support_x.to(device), episode.support_y.to(device))
+    query = Batch(episode.query_x.to(device), episode.query_y.to(device))
+    initial = {n: t.to(device) for n, t in params.items()}
     seed_torch(cfg.seed, task.partition_id, server_round, 1)
-    result = evaluate_adaptation(model, params, support, query, meta_config(cfg, reg_weight))
+    result = evaluate_adaptation(model, initial, support, query, meta_config(cfg, reg_weight))
     after, before = result["after"], result["before"]
     dense = float(dense_macs(spec))
     return {

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from conf.choices import TRAITS, StrategyName
-from gating.data import NodeTask, TaskSpec
+from gating.data import DatasetError, NodeTask, TaskSpec
 from gating.meta import MetaConfig
 from gating.model import BACKBONE, GATE, GatedConvNet, ModelSpec
 
@@ -36,7 +36,10 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
 def model_spec(cfg: DictConfig, task: NodeTask) -> ModelSpec:
     channels, height, width = task.images.shape[1:]
     if height != width:
-        raise ValueError(f"images must be square, got {height}x{width}")
+        raise DatasetError(
+            f"the models take square images, the data has {height}x{width}: crop or pad them, "
+            "or set dataset.image_size to resize them"
+        )
     return spec_for(cfg, int(channels), int(height))
 
 
@@ -96,6 +99,20 @@ def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
         train_gates=cfg.gating.train_gates,
         norm=cfg.model.norm,
     )
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``device``: auto is CUDA where torch sees a GPU (inside a Ray actor: the one Ray gave
+    it), else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"config key device={setting}: torch sees no CUDA device here "
+            f"(torch {torch.__version__}); use device=cpu or device=auto"
+        )
+    return device
 
 
 def seed_torch(*keys: int) -> None:

@@ -23,9 +23,16 @@ from gating.federated.settings import (
     meta_config,
     model_for,
     model_spec,
+    resolve_device,
     seed_torch,
 )
-from gating.meta import Batch, fedavg_update, meta_gradients, perfedavg_update
+from gating.meta import (
+    Batch,
+    fedavg_update,
+    meta_gradients,
+    meta_gradients_batched,
+    perfedavg_update,
+)
 
 Params = dict[str, Tensor]
 
@@ -49,35 +56,55 @@ class ClientRound:
     server_round: int
     reg_weight: float  # λ of this round (the server applies the warm-up)
 
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.cfg.device)
+
+    def initial(self) -> Params:
+        """The meta-initialization on the client's device."""
+        return {n: t.to(self.device) for n, t in self.params.items()}
+
     def episodes(self) -> Callable[[], tuple[Batch, Batch]]:
-        """Fresh (support, query) draws, seeded by (seed, partition, round); seeds the gate
-        noise the same way, so any round of any node is reproducible on its own."""
+        """Fresh (support, query) draws on the client's device, seeded by (seed, partition,
+        round); seeds the gate noise the same way, so any round of any node is reproducible
+        on its own (on a given device: CUDA draws other noise than the CPU)."""
         keys = (self.cfg.seed, self.task.partition_id, self.server_round)
         seed_torch(*keys)
         rng = episode_rng(*keys)
+        device = self.device
 
         def draw() -> tuple[Batch, Batch]:
             episode = self.task.episode(rng)
             return (
-                Batch(episode.support_x, episode.support_y),
-                Batch(episode.query_x, episode.query_y),
+                Batch(episode.support_x.to(device), episode.support_y.to(device)),
+                Batch(episode.query_x.to(device), episode.query_y.to(device)),
             )
 
         return draw
 
 
+def _on_cpu(update: Params) -> Params:
+    """Payloads travel as CPU arrays."""
+    return {n: t.detach().cpu() for n, t in update.items()}
+
+
 def meta_gradient_update(job: ClientRound) -> ClientUpdate:
-    """MetaGater and FedMeta: the mean meta-gradient over ``task.tasks_per_client`` episodes."""
+    """MetaGater and FedMeta: the mean meta-gradient over ``task.tasks_per_client`` episodes
+    (one vmapped computation with ``task.batched``)."""
     cfg, spec = job.cfg, job.task.spec
     model = model_for(model_spec(cfg, job.task))
     meta_cfg = meta_config(cfg, job.reg_weight)
     draw = job.episodes()
-    steps = [
-        meta_gradients(model, job.params, *draw(), meta_cfg)
-        for _ in range(cfg.task.tasks_per_client)
-    ]
+    initial = job.initial()
+    episodes = [draw() for _ in range(cfg.task.tasks_per_client)]
+    if cfg.task.batched:
+        steps = meta_gradients_batched(model, initial, episodes, meta_cfg)
+    else:
+        steps = [meta_gradients(model, initial, s, q, meta_cfg) for s, q in episodes]
     return ClientUpdate(
-        update={n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads},
+        update=_on_cpu(
+            {n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads}
+        ),
         examples=len(steps) * spec.ways * spec.queries,
         loss=float(np.mean([s.query_loss for s in steps])),
         accuracy=float(np.mean([s.query_accuracy for s in steps])),
@@ -96,14 +123,14 @@ def fedavg_client_update(job: ClientRound) -> ClientUpdate:
     draw = job.episodes()
     step = fedavg_update(
         model,
-        job.params,
+        job.initial(),
         lambda: _merged(*draw()),
         meta_config(cfg, job.reg_weight),
         cfg.local.lr,
         cfg.local.steps,
     )
     return ClientUpdate(
-        step.update, cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
+        _on_cpu(step.update), cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
     )
 
 
@@ -115,7 +142,7 @@ def perfedavg_client_update(job: ClientRound) -> ClientUpdate:
     draw = job.episodes()
     step = perfedavg_update(
         model,
-        job.params,
+        job.initial(),
         lambda: (*draw(), draw()[0]),
         meta_config(cfg, job.reg_weight),
         alpha=cfg.adapt.backbone_lr,
@@ -125,7 +152,7 @@ def perfedavg_client_update(job: ClientRound) -> ClientUpdate:
         delta=cfg.local.hessian_delta,
     )
     return ClientUpdate(
-        step.update, cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
+        _on_cpu(step.update), cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
     )
 
 

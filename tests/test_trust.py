@@ -1,0 +1,189 @@
+"""Bad input loses nothing: impossible settings fail before Ray starts, naming the key; files
+that carry code or are damaged are refused naming the path; results are never written over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from analysis.report import report
+from conf.schema import default_config, validate
+from gating.export import main as export_main
+from server.checkpoint import RunFolderError, check_run_folder, load_checkpoint, save_checkpoint
+from tests.test_report import write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("gating.temperature", 0.0, "> 0"),
+        ("gating.lambda", -1.0, ">= 0"),
+        ("federation.min_train_replies", 9, "federation.clients_per_round"),
+        ("federation.timeout", 0.0, "> 0 seconds"),
+        ("task.tasks_per_client", 0, ">= 1"),
+        ("task.train_pool", 4, "task.shots + task.queries"),
+        ("task.holdout_classes", "lots", "auto or in [0, 1)"),
+        ("ray.client_cpus", 4.0, "no ClientApp actor can start"),
+        ("robust.trim_fraction", 0.5, "[0, 0.5)"),
+        ("privacy.delta", 1.0, "(0, 1)"),
+    ],
+)
+def test_an_impossible_setting_is_refused_naming_the_key_and_the_fix(key, value, says):
+    cfg = default_config()
+    section, leaf = key.split(".")
+    cfg[section][leaf] = value
+    with pytest.raises(ValueError, match="config key " + key.replace(".", r"\.")) as error:
+        validate(cfg)
+    assert says in str(error.value)
+
+
+def test_private_runs_must_average_uniformly():
+    cfg = default_config()
+    cfg.privacy.noise_multiplier = 1.0
+    cfg.robust.aggregation = "median"
+    with pytest.raises(ValueError, match=r"robust\.aggregation"):
+        validate(cfg)
+
+
+def simulate(tmp_path: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "simulate.py", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def write_npz(path: Path, x: np.ndarray, classes: int = 5, per_class: int = 80) -> Path:
+    np.savez(path, x=x, y=np.repeat(np.arange(classes), per_class)[: len(x)])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "overrides", "says"),
+    [
+        ("ok", ["task.ways=8"], "task.ways=8"),  # 5 classes in the file
+        ("ok", ["task.shots=20", "task.train_pool=40"], "samples"),
+        ("channel-first", [], "channel-first"),
+        ("float-255", [], "in [0, 1]"),
+        ("non-square", [], "square"),
+    ],
+)
+def test_data_that_cannot_make_the_tasks_fails_before_ray_starts(
+    tmp_path, subprocess_env, data, overrides, says
+):
+    rng = np.random.default_rng(0)
+    x = {
+        "ok": rng.integers(0, 256, (400, 8, 8), dtype=np.uint8),
+        "channel-first": rng.random((400, 3, 8, 8)).astype(np.float32),
+        "float-255": rng.random((400, 8, 8)).astype(np.float32) * 255,
+        "non-square": rng.integers(0, 256, (400, 8, 6), dtype=np.uint8),
+    }[data]
+    path = write_npz(tmp_path / "data.npz", x)
+    run = tmp_path / "run"
+    result = simulate(
+        tmp_path,
+        subprocess_env,
+        "dataset=npz",
+        f"dataset.path={path}",
+        *overrides,
+        f"hydra.run.dir={run}",
+    )
+    assert result.returncode != 0
+    assert says in result.stderr, result.stderr[-2000:]
+    assert "Ray" not in result.stderr and "ServerApp" not in result.stderr  # nothing started
+    assert not (run / "config.yaml").exists()
+
+
+class Payload:
+    """Unpickling this runs code: it writes a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_checkpoint_that_carries_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"round": 1, "strategy": Payload(marker)}, run / "checkpoint.pt")
+    with pytest.raises(RunFolderError, match=r"checkpoint\.pt holds more than tensors"):
+        load_checkpoint(run / "checkpoint.pt")
+    OmegaConf.save(default_config(), run / "config.yaml")
+    assert export_main([str(run)]) == 2
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda p: p.write_bytes(p.read_bytes()[:100]), lambda p: p.write_text("not a checkpoint")],
+    ids=["truncated", "foreign"],
+)
+def test_a_damaged_checkpoint_is_an_error_naming_its_path(tmp_path, damage):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"round": 3, "strategy": {}, "config": {}, "wall_seconds": 1.0})
+    assert load_checkpoint(path)["round"] == 3
+    damage(path)
+    with pytest.raises(RunFolderError, match=str(path)):
+        load_checkpoint(path)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[float, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_folder_with_results_is_never_written_over(tmp_path, subprocess_env):
+    run = tmp_path / "finished"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"accuracy": 0.9}))
+    before = snapshot(run)
+    result = simulate(tmp_path, subprocess_env, "federation=tiny", f"hydra.run.dir={run}")
+    assert result.returncode != 0 and "resume=true" in result.stderr
+    assert snapshot(run) == before  # not even Hydra's launch record
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    run.mkdir()
+    flat = {"seed": 0, "federation.rounds": 3, "model.width": 16}
+    save_checkpoint(
+        run / "checkpoint.pt",
+        {"round": 2, "strategy": {}, "config": flat, "wall_seconds": 1.0},
+    )
+    before = snapshot(run)
+    result = simulate(
+        tmp_path, subprocess_env, "federation=tiny", "resume=true", f"hydra.run.dir={run}"
+    )
+    assert result.returncode != 0 and "configuration changed" in result.stderr
+    assert snapshot(run) == before
+    with pytest.raises(RunFolderError, match="no checkpoint"):
+        check_run_folder(tmp_path / "empty", True, flat)
+
+
+def test_the_report_names_a_damaged_run_and_reports_the_rest(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "0", {}, accuracy=0.8, macs=100_000, seed=0)
+    write_run(sweep / "1", {}, accuracy=0.7, macs=100_000, seed=1)
+    (sweep / "1" / "summary.json").write_text('{"accuracy": 0.7,')  # cut short
+    report([sweep], tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "`1`: summary.json is damaged" in text  # named, with the reason
+    assert "0.8000" in text  # and the healthy run is reported
