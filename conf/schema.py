@@ -113,7 +113,9 @@ class LocalConfig:
 
     steps: int = 4  # local steps per round, each on a fresh episode of the node's data
     lr: float = 0.05  # fedavg's SGD step; perfedavg's outer step beta (alpha is adapt.backbone_lr)
-    hessian_delta: float = 1e-3  # perfedavg Hessian-free finite-difference step
+    # perfedavg's Hessian-vector product: 0 = exact (double backward), > 0 = the paper's central
+    # difference with this step
+    hessian_delta: float = 0.0
 
 
 @dataclass

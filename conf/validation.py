@@ -80,7 +80,11 @@ CHECKS = (
     Check("meta.gate_lr", lambda c: c.meta.gate_lr > 0, "> 0"),
     Check("local.steps", lambda c: c.local.steps >= 1, ">= 1"),
     Check("local.lr", lambda c: c.local.lr > 0, "> 0"),
-    Check("local.hessian_delta", lambda c: c.local.hessian_delta > 0, "> 0"),
+    Check(
+        "local.hessian_delta",
+        lambda c: c.local.hessian_delta >= 0,
+        ">= 0 (0: the exact Hessian-vector product)",
+    ),
     Check("federation.train_nodes", lambda c: c.federation.train_nodes >= 1, ">= 1"),
     Check("federation.target_nodes", lambda c: c.federation.target_nodes >= 1, ">= 1"),
     Check(
