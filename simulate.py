@@ -16,6 +16,7 @@ the end and the exit status is non-zero (``analysis.runs.SweepFailures``). ``mai
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -29,17 +30,33 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_HOME", str(Path(__file__).resolve().parent / ".flwr_home"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray will stop overriding CUDA_VISIBLE_DEVICES for actors without GPUs; take that behaviour now
+# (a CPU client ignores the GPU anyway), which also silences its FutureWarning on every start.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from analysis.runs import clear_failure, write_failure
 from conf.schema import SimulateConfig, validate
 
 ConfigStore.instance().store(name="base_config", node=SimulateConfig)
+
+
+def sweep_name(overrides: list[str]) -> str:
+    """The default sweep folder's name: the command line's overrides, sorted, so that running
+    the same sweep command again finds the same folder (and continues it)."""
+    name = "_".join(sorted(str(o) for o in overrides)).replace("/", "-") or "default"
+    if len(name) > 120:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[:100]}_{digest}"
+    return name
+
+
+OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
 log = logging.getLogger("simulate")
 
 
@@ -103,23 +120,20 @@ def backend_config(cfg: DictConfig) -> dict:
 
 def simulate(cfg: DictConfig, out_dir: Path) -> None:
     """Run one simulated federation with ``cfg`` into ``out_dir``."""
+    quiet_start_up()
     import ray
     from flwr.simulation import run_simulation
 
-    # Flower has its own console handler; Hydra's root handler would print every line twice.
-    logging.getLogger("flwr").propagate = False
-    # Flower's link state imports alembic, which logs every plugin it sets up at INFO.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
     from client.app import app as client_app
     from server.app import build_server_app
+    from server.progress import ProgressReporter
 
     # Flower appends this driver's sys.path to PYTHONPATH at every Ray start: restore it, or it
     # grows with every job of a multirun.
     pythonpath = os.environ.get("PYTHONPATH")
     try:
         run_simulation(
-            server_app=build_server_app(cfg, out_dir),
+            server_app=build_server_app(cfg, out_dir, ProgressReporter()),
             client_app=client_app,
             num_supernodes=cfg.federation.train_nodes + cfg.federation.target_nodes,
             backend_config=backend_config(cfg),
@@ -133,6 +147,31 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = pythonpath
+
+
+class _DropKnownDeprecation(logging.Filter):
+    """``run_simulation`` is deprecated in Flower 1.39 and says so on every run; the README
+    explains once why this project uses it (Hydra owns config, errors and multirun)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def quiet_start_up() -> None:
+    """The first screen is the run's own: no third-party INFO lines, no known warning. Every
+    round's line goes to the run's log file (the progress bar shows the round on screen)."""
+    flower = logging.getLogger("flwr")
+    flower.propagate = False  # Flower has its own console handler; Hydra's would print it twice
+    if not any(isinstance(f, _DropKnownDeprecation) for f in flower.filters):
+        flower.addFilter(_DropKnownDeprecation())
+    for noisy in ("alembic", "mlflow"):  # Flower's link state sets up alembic, logging at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    rounds = logging.getLogger("metagater.rounds")
+    rounds.propagate = False
+    rounds.setLevel(logging.INFO)
+    rounds.handlers = [
+        h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)
+    ]
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -210,6 +249,32 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     return value
 
 
+def sweep_job_state(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """What the same sweep command run again finds in a job's folder: the summary of a
+    complete job (not run again), or None to run it, resuming from its checkpoint if it has
+    one (``resume`` is switched on). A folder whose results are of another configuration is an
+    error: nothing is written over."""
+    from omegaconf import OmegaConf, open_dict
+
+    from conf.schema import to_flat
+    from server.checkpoint import CHECKPOINT_NAME, check_resumable, results_in
+
+    if not results_in(out_dir):
+        return None
+    flat = to_flat(cfg)
+    saved = out_dir / "config.yaml"
+    if saved.exists():
+        check_resumable(to_flat(OmegaConf.load(saved)), flat)
+    summary = out_dir / "summary.json"
+    if summary.exists() and saved.exists():
+        return json.loads(summary.read_text())
+    if (out_dir / CHECKPOINT_NAME).exists():
+        with open_dict(cfg):
+            cfg.resume = True
+        log.info("resuming the job in %s from its checkpoint", out_dir)
+    return None
+
+
 def _interrupted(error: BaseException | None) -> bool:
     """Whether ``error`` is (or was caused by) a requested stop: Flower re-raises the
     ServerApp's exception, or wraps it in its own."""
@@ -236,6 +301,10 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg, out_dir)
     clear_failure(out_dir)  # a job rerun in the folder of an earlier failure
     try:
+        done = sweep_job_state(cfg, out_dir)
+        if done is not None:
+            log.info("job %s: complete in %s, not run again", hydra_cfg.job.num, out_dir)
+            return objective(cfg, done)
         return run(cfg, out_dir)
     except RunInterrupted:
         raise  # Ctrl-C ends the sweep; rerunning the same command continues it

@@ -31,9 +31,13 @@ import numpy as np
 from analysis.runs import NOT_A_SETTING, Run, find_runs, inert_keys
 from conf.choices import StrategyName
 from gating.stats import mean_ci95
+from server.results import round_axis
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+from matplotlib.transforms import offset_copy
 
 SHORT = {
     "strategy.name": "",
@@ -368,46 +372,170 @@ def _csv(value: Any) -> Any:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
-    paths = []
-    for protocol in sorted({r.protocol for r in rows}):
-        members = [r for r in rows if r.protocol == protocol]
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for row in members:
-            gated = row.runs[0].config.get("gating.enabled", False)
-            xerr = row.values.get("macs_std", math.nan)
-            ax.errorbar(
-                row.values["macs"],
-                row.values["accuracy"],
-                xerr=None if math.isnan(xerr) else xerr,
-                yerr=row.values["accuracy_spread"],
-                fmt="o" if gated else "s",
-                capsize=3,
-                label=row.label,
-            )
-        _connect_ratio_sweeps(ax, members)
-        floor = [r.values["nearest_centroid_accuracy"] for r in members]
-        if floor and not math.isnan(np.mean(floor)):
-            ax.axhline(float(np.mean(floor)), ls="--", lw=1, color="gray")
-            ax.annotate(
-                "nearest-centroid floor",
-                (0.01, float(np.mean(floor))),
-                fontsize=7,
-                xycoords=("axes fraction", "data"),
-                va="bottom",
-                color="gray",
-            )
-        paths.append(
-            _finish(
-                fig,
-                ax,
-                "MACs per image (realized, gates included)",
-                "Accuracy vs compute",
-                protocol,
-                out / "accuracy_vs_macs",
-            )
+# ----------------------------------------------------------------------------------- plots
+# One marker and colour per row of a protocol, the same in both plots; a row's points may be a
+# single one, so every series has a marker.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*")
+Y_LABEL = "target-node accuracy after one Adapt\n(one image at a time)"
+CENTROID_LABEL = "nearest-centroid on raw pixels, same target tasks"
+REFERENCE = "reference"  # gid of reference lines: listed after the rows in a legend
+DODGE_POINTS = 7.0  # sideways shift, in points, between rows drawn at the same MACs
+
+
+def _value(values: dict[str, Any], key: str) -> float:
+    """A row's figure as a float: missing and None (JSON's NaN) become NaN."""
+    value = values.get(key)
+    return math.nan if value is None else float(value)
+
+
+def _styles(rows: list[Row]) -> dict[int, dict[str, Any]]:
+    colors = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20").colors
+    return {
+        id(row): {"marker": MARKERS[i % len(MARKERS)], "color": colors[i % len(colors)]}
+        for i, row in enumerate(rows)
+    }
+
+
+def error_bar(row: Row) -> tuple[float, str]:
+    """The accuracy error bar of a row and what it is: the standard deviation over seeds with
+    several seeds, else the 95% interval over the single run's target tasks."""
+    seeds = int(_value(row.values, "seeds")) if "seeds" in row.values else len(row.runs)
+    if seeds > 1:
+        std = _value(row.values, "accuracy_std")
+        return (std, f"± std, {seeds} seeds") if math.isfinite(std) else (std, f"{seeds} seeds")
+    ci = _value(row.values, "accuracy_ci95")
+    tasks = (row.runs[0].summary or {}).get("target_tasks") if row.runs else None
+    if not math.isfinite(ci):
+        return ci, "1 seed, no interval"
+    return ci, "± 95% CI" + (f", {tasks} tasks" if tasks else "")
+
+
+def _error_caption(rows: list[Row]) -> list[str]:
+    kinds = {error_bar(row)[1].split(",")[0] for row in rows}
+    lines = []
+    if "± std" in kinds:
+        lines.append("error bars [± std]: standard deviation over seeds")
+    if "± 95% CI" in kinds:
+        lines.append("error bars [± 95% CI]: 95% interval over the target tasks of one seed's run")
+    return lines or ["no error bars: no spread available"]
+
+
+def _target_ratio(row: Row) -> float | None:
+    config = row.runs[0].config if row.runs else {}
+    if not config.get("gating.enabled", False) or config.get("gating.target_ratio") in (None, ""):
+        return None
+    return float(config["gating.target_ratio"])
+
+
+def _centroid_line(ax, rows: list[Row]) -> None:
+    floor = [_value(r.values, "nearest_centroid_accuracy") for r in rows]
+    floor = [v for v in floor if math.isfinite(v)]
+    if floor:
+        spread = max(floor) - min(floor) > 0.005
+        ax.axhline(
+            float(np.mean(floor)),
+            ls="--",
+            lw=1,
+            color="gray",
+            label=CENTROID_LABEL + (" (mean over rows)" if spread else ""),
+            gid=REFERENCE,
         )
-    return paths
+
+
+def _chance_line(ax, protocol: tuple) -> None:
+    ways = protocol[1]
+    if isinstance(ways, int) and ways > 0:
+        ax.axhline(1 / ways, ls=":", lw=1, color="black", label=f"chance (1/{ways})", gid=REFERENCE)
+
+
+def accuracy_vs_macs_figure(rows: list[Row], protocol: tuple) -> Figure:
+    """Accuracy against realized MACs, one point per row of ``protocol``."""
+    members = [r for r in rows if r.protocol == protocol]
+    styles = _styles(members)
+    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    placed = [
+        r
+        for r in members
+        if math.isfinite(_value(r.values, "macs")) and math.isfinite(_value(r.values, "accuracy"))
+    ]
+    # Rows at the same MACs (dense baselines) are shifted sideways a few points, so none hides
+    # another; their values stay as they are.
+    shift: dict[int, float] = {}
+    placed_x = sorted(placed, key=lambda r: r.values["macs"])
+    scale = max((r.values["macs"] for r in placed), default=1.0) or 1.0
+    groups: list[list[Row]] = []
+    for row in placed_x:
+        if groups and abs(row.values["macs"] - groups[-1][0].values["macs"]) <= 2e-3 * scale:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    for group in groups:
+        for i, row in enumerate(group):
+            shift[id(row)] = (i - (len(group) - 1) / 2) * DODGE_POINTS
+    for row in placed:
+        transform = offset_copy(ax.transData, fig=fig, x=shift[id(row)], units="points")
+        yerr, meaning = error_bar(row)
+        xerr = _value(row.values, "macs_std")
+        x, y = row.values["macs"], row.values["accuracy"]
+        ax.errorbar(
+            x,
+            y,
+            xerr=xerr if math.isfinite(xerr) else None,
+            yerr=yerr if math.isfinite(yerr) else None,
+            fmt=styles[id(row)]["marker"],
+            color=styles[id(row)]["color"],
+            ms=6,
+            capsize=3,
+            transform=transform,
+            label=f"{row.label} [{meaning}]",
+        )
+        if (ratio := _target_ratio(row)) is not None:
+            ax.annotate(
+                f"ρ={ratio:g}",
+                (x, y),
+                xycoords=transform,
+                xytext=(4, -10),
+                textcoords="offset points",
+                fontsize=7,
+                color=styles[id(row)]["color"],
+            )
+    _connect_ratio_sweeps(ax, placed)
+    dense = [
+        float(run.summary["dense_macs"])
+        for row in members
+        for run in row.runs
+        if run.summary and run.summary.get("dense_macs") is not None
+    ]
+    if dense:
+        ax.axvline(
+            float(np.median(dense)), ls="-.", lw=1, color="black", label="dense cost", gid=REFERENCE
+        )
+    _centroid_line(ax, members)
+    _chance_line(ax, protocol)
+    xs = [r.values["macs"] + np.nan_to_num(_value(r.values, "macs_std")) for r in placed]
+    right = max([*xs, *dense], default=1.0) or 1.0
+    ax.set_xlim(0, right * 1.08)
+    ax.xaxis.set_major_formatter(EngFormatter())
+    notes = _error_caption(placed)
+    if left_out := [r.label for r in members if r not in placed]:
+        notes.append(f"not plotted (no accuracy or MACs): {', '.join(left_out)}")
+    if any(_target_ratio(r) is not None for r in placed):
+        notes.append("ρ next to a point: its target MAC ratio")
+    if any(shift.values()):
+        notes.append("points at the same MACs are drawn a few pixels apart")
+    fig.suptitle(f"Target-node accuracy vs compute: {protocol_name(protocol)}", fontsize=11)
+    ax.set_title("\n".join(notes), fontsize=7)
+    ax.set(xlabel="MACs per image (realized, gate MLP MACs included)", ylabel=Y_LABEL)
+    ax.set_ylim(0, 1.02)
+    _legend(fig, ax)
+    return fig
+
+
+def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
+    return [
+        _finish(accuracy_vs_macs_figure(rows, protocol), protocol, out / "accuracy_vs_macs")
+        for protocol in sorted({r.protocol for r in rows})
+    ]
 
 
 def _connect_ratio_sweeps(ax, rows: list[Row]) -> None:
@@ -419,6 +547,7 @@ def _connect_ratio_sweeps(ax, rows: list[Row]) -> None:
                 sorted((k, repr(v)) for k, v in row.settings.items() if k != "gating.target_ratio")
             )
             sweeps[rest].append(row)
+    labelled = False
     for members in sweeps.values():
         if len(members) > 1:
             members.sort(key=lambda r: r.values["macs"])
@@ -430,38 +559,90 @@ def _connect_ratio_sweeps(ax, rows: list[Row]) -> None:
                 color="gray",
                 alpha=0.6,
                 zorder=0,
+                label=None if labelled else "ρ sweep (joins rows differing only in ρ)",
+                gid=REFERENCE,
             )
+            labelled = True
+
+
+def accuracy_per_round_figure(rows: list[Row], protocol: tuple) -> Figure:
+    """Target accuracy at each evaluation round, one line per row (mean over its runs)."""
+    members = [r for r in rows if r.protocol == protocol]
+    styles = _styles(members)
+    fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
+    every_round: set[int] = set()
+    for row in members:
+        per_round: dict[int, list[float]] = defaultdict(list)
+        for run in row.runs:
+            for h in run.history:
+                every_round.add(int(h["round"]))
+                value = h.get("accuracy")
+                if value is not None and math.isfinite(float(value)):
+                    per_round[int(h["round"])].append(float(value))
+        rounds = sorted(per_round)
+        if not rounds:
+            continue
+        seeds = len({run.config.get("seed") for run in row.runs})
+        ax.plot(
+            rounds,
+            [np.mean(per_round[r]) for r in rounds],
+            "-",
+            marker=styles[id(row)]["marker"],
+            color=styles[id(row)]["color"],
+            ms=4,
+            label=row.label + (f" (mean of {seeds} seeds)" if seeds > 1 else ""),
+        )
+    _centroid_line(ax, members)
+    _chance_line(ax, protocol)
+    round_axis(ax, sorted(every_round))
+    notes = ["one line per configuration; each point: one evaluation round"]
+    sampled = {run.config.get("federation.eval_nodes") for row in members for run in row.runs} - {
+        None,
+        0,
+        "",
+    }
+    if sampled:
+        nodes = ", ".join(str(n) for n in sorted(sampled, key=str))
+        notes.append(f"intermediate rounds: {nodes} target nodes sampled; final round: all")
+    fig.suptitle(f"Target-node accuracy per round: {protocol_name(protocol)}", fontsize=11)
+    ax.set_title("\n".join(notes), fontsize=7)
+    ax.set(xlabel="round", ylabel=Y_LABEL)
+    ax.set_ylim(0, 1.02)
+    _legend(fig, ax)
+    return fig
 
 
 def plot_accuracy_per_round(rows: list[Row], out: Path) -> list[Path]:
-    paths = []
-    for protocol in sorted({r.protocol for r in rows}):
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for row in (r for r in rows if r.protocol == protocol):
-            per_round: dict[int, list[float]] = defaultdict(list)
-            for run in row.runs:
-                for h in run.history:
-                    if "accuracy" in h:
-                        per_round[h["round"]].append(h["accuracy"])
-            rounds = sorted(per_round)
-            ax.plot(rounds, [np.mean(per_round[r]) for r in rounds], "o-", ms=3, label=row.label)
-        paths.append(
-            _finish(fig, ax, "round", "Accuracy per round", protocol, out / "accuracy_per_round")
+    return [
+        _finish(accuracy_per_round_figure(rows, protocol), protocol, out / "accuracy_per_round")
+        for protocol in sorted({r.protocol for r in rows})
+    ]
+
+
+def _is_reference(handle: Any) -> bool:
+    return getattr(handle, "get_gid", lambda: None)() == REFERENCE
+
+
+def _legend(fig: Figure, ax) -> None:
+    """Grid, and the legend below the plot: the rows first, then the reference lines."""
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        order = sorted(range(len(handles)), key=lambda i: _is_reference(handles[i]))
+        fig.legend(
+            [handles[i] for i in order],
+            [labels[i] for i in order],
+            fontsize=7,
+            loc="outside lower center",
+            ncol=2,
+            frameon=False,
         )
-    return paths
 
 
-def _finish(fig, ax, xlabel: str, title: str, protocol: tuple, stem: Path) -> Path:
-    """Label, save as ``<stem>_<dataset>_<ways>_<shots>.png`` and close one protocol's figure."""
-    ax.set(
-        xlabel=xlabel,
-        ylabel="target accuracy after adaptation",
-        title=f"{title}: {protocol_name(protocol)}",
-    )
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+def _finish(fig: Figure, protocol: tuple, stem: Path) -> Path:
+    """Save as ``<stem>_<dataset>_<ways>_<shots>.png`` and close."""
     path = stem.with_name(f"{stem.name}_{'_'.join(map(str, protocol))}.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

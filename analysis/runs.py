@@ -174,7 +174,8 @@ class RunFolderGuard(Callback):
 
 
 class SweepFailures(Callback):
-    """At the end of a multirun: list the failed jobs and make the exit status non-zero.
+    """A multirun's start and end name its folder (and the report command); at the end, the
+    failed jobs are listed and the exit status is non-zero.
 
     Hydra's sweepers return normally when the task function returned, which ``simulate.py``
     does for a failed job (after writing its FAILED.txt) so that the other jobs still run. The
@@ -186,9 +187,14 @@ class SweepFailures(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time() - 1.0  # file times may be coarser than the clock
+        print(f"sweep folder: {config.hydra.sweep.dir}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        print(
+            f"sweep folder: {sweep_dir}\nreport: python -m analysis.report {sweep_dir}",
+            flush=True,
+        )
         if not sweep_dir.exists():
             return
         failed = failed_jobs(sweep_dir, since=self.started)

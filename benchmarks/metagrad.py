@@ -1,8 +1,19 @@
 """Meta-gradient cost: time and peak memory per task of second- versus first-order MetaGater and
-dense MAML, and batching a client's tasks through ``torch.func.vmap`` against a Python loop.
+dense MAML, batching a client's tasks through ``torch.func.vmap`` against a Python loop, and the
+client update of the gated ResNets (ResNet-12, ResNet-18) beside Conv-4.
 
     python benchmarks/metagrad.py                      # digits and Fashion-MNIST, ~1-3 min
     python benchmarks/metagrad.py --datasets digits --tasks 8 --reps 20
+    python benchmarks/metagrad.py --sections archs --datasets fashion_mnist \
+        --widths "16,32,64,128;32,64,128,256;48,96,192,384" --budget 3
+
+Architectures (section ``archs``, on the first dataset): for each of ``--archs`` (Conv-4 width
+32, ResNet-12 and ResNet-18 at their default widths), seconds and peak tensor memory of one
+client update (``task.tasks_per_client=1``: one ``meta_gradients`` call) in second and first
+order (strategies metagater and metagater_fo), and their ratio. ``--widths`` lists further
+ResNet-12 stage widths (``;``-separated): each is measured the same way, and the widest whose
+second-order client update stays under ``--budget`` seconds is reported, with the round it
+implies (5 clients on 2 actors: three client updates one after another per actor).
 
 What is timed is exactly what a ClientApp computes for one task, ``gating.meta.meta_gradients``
 (Conv-4 width 32 with its gates, the default model; 5-way 5-shot 15-query episodes of training
@@ -54,7 +65,7 @@ from gating.federated.settings import (
     seed_torch,
 )
 from gating.meta import Batch, MetaConfig, meta_gradients, meta_gradients_batched
-from gating.model import GatedConvNet
+from gating.model import GatedModel
 
 VARIANTS = {  # strategy, meta.first_order
     "gated_so": (StrategyName.metagater, False),
@@ -102,19 +113,24 @@ def peak_mb(fn: Callable[[], Any]) -> float:
 
 @dataclass
 class Setup:
-    model: GatedConvNet
+    model: GatedModel
     params: dict[str, torch.Tensor]
     configs: dict[str, MetaConfig]
     episodes: list[list[tuple[Batch, Batch]]]  # per pass, ``tasks`` episodes
     image: str
+    label: str = "Conv-4 width 32"  # the network, as ModelSpec.describe() says it
 
 
-def setup(dataset: str, passes: int, tasks: int, seed: int) -> Setup:
+def setup(
+    dataset: str, passes: int, tasks: int, seed: int, arch: str = "conv", widths: str = ""
+) -> Setup:
     configs: dict[str, MetaConfig] = {}
     cfg: DictConfig | None = None
     for name, (strategy, first_order) in VARIANTS.items():
         cfg = default_config()
         cfg.dataset.name = dataset
+        cfg.model.arch = arch
+        cfg.model.widths = widths
         cfg.strategy.name = strategy
         cfg.gating.enabled = TRAITS[strategy].gated
         cfg.meta.first_order = first_order
@@ -137,6 +153,7 @@ def setup(dataset: str, passes: int, tasks: int, seed: int) -> Setup:
         configs=configs,
         episodes=[[episode() for _ in range(tasks)] for _ in range(passes)],
         image=f"{spec.in_channels}x{spec.image_size}x{spec.image_size}",
+        label=spec.describe(),
     )
 
 
@@ -231,17 +248,133 @@ def measure(dataset: str, reps: int, tasks: int, seed: int) -> Figures:
     )
 
 
+ARCH_VARIANTS = ("gated_so", "gated_fo")
+#: A round of 5 sampled clients on 2 actors: each actor runs up to three client updates in turn.
+ROUND_CLIENTS, ROUND_ACTORS = 5, 2
+
+
+@dataclass
+class ArchFigures:
+    arch: str
+    widths: str  # as given ("" = the architecture's default)
+    label: str
+    stage_widths: tuple[int, ...]  # the ResNet's stage widths (empty for Conv-N)
+    update_s: dict[str, float]  # one client update (one task), median seconds
+    update_mb: dict[str, float]  # peak tensor memory of one client update
+    so_over_fo: float
+
+    @property
+    def round_s(self) -> float:
+        """Seconds of a round of 5 clients on 2 actors, from the second-order update alone
+        (no communication, no evaluation)."""
+        return -(-ROUND_CLIENTS // ROUND_ACTORS) * self.update_s["gated_so"]
+
+
+def measure_arch(dataset: str, arch: str, widths: str, reps: int, seed: int) -> ArchFigures:
+    """One client update (one task) of MetaGater on ``arch``, second and first order."""
+    s = setup(dataset, reps + 1, 1, seed, arch, widths)
+
+    def single(name: str) -> Callable[[int], Any]:
+        return lambda rep: meta_gradients(s.model, s.params, *s.episodes[rep][0], s.configs[name])
+
+    seconds = interleaved({name: single(name) for name in ARCH_VARIANTS}, reps)
+    return ArchFigures(
+        arch=arch,
+        widths=widths,
+        label=s.label,
+        stage_widths=s.model.spec.widths,
+        update_s={name: statistics.median(t) for name, t in seconds.items()},
+        update_mb={name: peak_mb(lambda n=name: single(n)(0)) for name in ARCH_VARIANTS},
+        so_over_fo=paired_ratio(seconds["gated_so"], seconds["gated_fo"]),
+    )
+
+
+def print_archs(dataset: str, figures: list[ArchFigures], budget: float) -> list[str]:
+    """The architectures' table; returns the RESULT keys it contributes."""
+    print(f"client update (one task, {dataset}), MetaGater second (so) and first (fo) order")
+    header = (
+        f"{'model':<28}{'so s':>8}{'fo s':>8}{'so/fo':>7}{'so MB':>9}{'fo MB':>9}{'round s':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for f in figures:
+        print(
+            f"{f.label:<28}{f.update_s['gated_so']:>8.3f}{f.update_s['gated_fo']:>8.3f}"
+            f"{f.so_over_fo:>7.2f}{f.update_mb['gated_so']:>9.1f}{f.update_mb['gated_fo']:>9.1f}"
+            f"{f.round_s:>9.2f}"
+        )
+    print(
+        f"round s: {-(-ROUND_CLIENTS // ROUND_ACTORS)} second-order client updates in turn "
+        f"({ROUND_CLIENTS} clients on {ROUND_ACTORS} actors), without communication"
+    )
+    keys = []
+    seen: set[str] = set()
+    for f in figures:
+        if f.widths or f.arch in seen:  # the default widths of each arch only
+            continue
+        seen.add(f.arch)
+        keys += [
+            f"{f.arch}_update_s_so={f.update_s['gated_so']:.4f}",
+            f"{f.arch}_update_s_fo={f.update_s['gated_fo']:.4f}",
+            f"{f.arch}_so_over_fo={f.so_over_fo:.3f}",
+            f"{f.arch}_peak_mb_so={f.update_mb['gated_so']:.2f}",
+        ]
+    resnet12 = [f for f in figures if f.arch == "resnet12"]
+    if resnet12:
+        fits = [f for f in resnet12 if f.update_s["gated_so"] <= budget]
+        widest = max(fits, key=lambda f: sum(f.stage_widths), default=None)
+        if widest is None:
+            print(f"no ResNet-12 width measured keeps a client update under {budget:g} s")
+        else:
+            print(
+                f"widest ResNet-12 with a second-order client update under {budget:g} s: "
+                f"{widest.label} ({widest.update_s['gated_so']:.2f} s, round ~"
+                f"{widest.round_s:.1f} s)"
+            )
+            keys.append("resnet12_widest_under_budget=" + "-".join(map(str, widest.stage_widths)))
+    return keys
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="digits,fashion_mnist")
     parser.add_argument("--reps", type=int, default=10, help="timed passes")
     parser.add_argument("--tasks", type=int, default=4, help="tasks per client for vmap")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sections",
+        default="variants,archs",
+        help="variants (Conv-4: second/first order, gated/dense, vmap) and/or archs",
+    )
+    parser.add_argument("--archs", default="conv,resnet12,resnet18", help="section archs")
+    parser.add_argument(
+        "--widths",
+        default="",
+        help="further ResNet-12 stage widths to measure, ';'-separated, e.g. "
+        "'16,32,64,128;48,96,192,384'",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=3.0, help="seconds a client update may take (--widths)"
+    )
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     torch.set_num_threads(1)
     # The gate noise's in-place clamp_ has no vmap batching rule (a per-task fallback); say so
     # once instead of on every call.
     warnings.filterwarnings("once", message=".*batching rule.*")
+
+    arch_keys: list[str] = []
+    if "archs" in sections:
+        dataset = args.datasets.split(",")[0]
+        runs = [(arch, "") for arch in args.archs.split(",") if arch]
+        runs += [("resnet12", w.strip()) for w in args.widths.split(";") if w.strip()]
+        figures = [measure_arch(dataset, a, w, args.reps, args.seed) for a, w in runs]
+        print(f"machine: {describe_host()}")
+        arch_keys = print_archs(dataset, figures, args.budget)
+        print()
+    if "variants" not in sections:
+        print("RESULT " + " ".join(arch_keys))
+        return
 
     results: list[Figures] = []
     for dataset in args.datasets.split(","):
@@ -307,7 +440,7 @@ def main() -> None:
     print(
         f"RESULT so_over_fo={main_fig.so_over_fo:.3f} "
         f"vmap_speedup={main_fig.speedup['gated_so']:.3f} "
-        f"peak_mb_so={main_fig.per_task_mb['gated_so']:.2f} " + " ".join(extras)
+        f"peak_mb_so={main_fig.per_task_mb['gated_so']:.2f} " + " ".join(extras + arch_keys)
     )
 
 

@@ -76,6 +76,7 @@ import simulate  # noqa: E402
 from gating.federated.protocol import CONFIG, METRICS, ROUND_KEY  # noqa: E402
 from gating.federated.round import BareFederation  # noqa: E402
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
+from server.federation import POLL_IN_SIMULATION  # noqa: E402
 
 PHASES = ("1actor", "1actor_pull", "1actor_pump", "2actors")
 CLIENTAPP_SECONDS = "clientapp-seconds"
@@ -176,30 +177,37 @@ class InterleavedGrid:
 
     def __init__(self, grid: Any, log: Interleaving, pull: float | None) -> None:
         self._grid, self._log = grid, log
-        if pull is not None:
-            grid.pull_interval = pull
+        self._pending: tuple[int, int, float, list[Message]] | None = None
+        # The round loop's own setting for a simulation's in-memory grid (it polls the wrapper).
+        self.pull_interval = POLL_IN_SIMULATION if pull is None else pull
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(
-        self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """The round loop (``server.federation.exchange``) pushes, then pulls until every
+        reply is in: a training round's bare twin runs right before its messages go out."""
         messages = list(messages)
         kind = messages[0].metadata.message_type if messages else None
-        server_round = None
         if kind == MessageType.TRAIN:
             server_round = int(messages[0].content[CONFIG][ROUND_KEY])
             if self._log.first_round_at is None:
                 self._log.first_round_at = time.perf_counter()
             self._log.run_bare(server_round)
-        start = time.perf_counter()
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if kind == MessageType.QUERY and (nice := _reply_values(replies, CLIENTAPP_NICE)):
+            self._pending = (server_round, len(messages), time.perf_counter(), [])
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        if nice := _reply_values(replies, CLIENTAPP_NICE):
             self._log.nice = int(max(nice))
-        if server_round is not None:
-            self._log.exchange_seconds[server_round] = time.perf_counter() - start
-            self._log.clientapp_seconds[server_round] = _reply_values(replies, CLIENTAPP_SECONDS)
+        if self._pending is not None:
+            server_round, expected, start, got = self._pending
+            got += replies
+            if len(got) >= expected:
+                self._log.exchange_seconds[server_round] = time.perf_counter() - start
+                self._log.clientapp_seconds[server_round] = _reply_values(got, CLIENTAPP_SECONDS)
+                self._pending = None
         return replies
 
 
@@ -264,8 +272,8 @@ def run_phase(
     bare_startup = time.perf_counter() - launched
     log = Interleaving(bare=bare, launched=time.perf_counter())
 
-    def run_federation(grid: Any, settings: DictConfig, folder: Path) -> dict[str, Any]:
-        return original_run(InterleavedGrid(grid, log, pull), settings, folder)
+    def run_federation(grid: Any, settings: DictConfig, folder: Path, *rest: Any) -> Any:
+        return original_run(InterleavedGrid(grid, log, pull), settings, folder, *rest)
 
     server_app_module.run_federation = run_federation
     client_app_module.app = timed_client_app()  # simulate.simulate imports it at call time

@@ -175,12 +175,12 @@ class RoundClock:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+    def push_messages(self, messages: Any) -> Any:
         messages = list(messages)
         if messages and messages[0].metadata.message_type == MessageType.TRAIN:
             self._cpu[len(self._starts) + 1] = process_cpu_seconds()
             self._starts[len(self._starts) + 1] = time.perf_counter()
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        return self._grid.push_messages(messages)
 
 
 @dataclass
@@ -201,8 +201,8 @@ def run_once(cfg: DictConfig, warmup: int, sample: float, out_dir: Path) -> Run:
     cpu: dict[int, float] = {}
     original = server_app_module.run_federation
 
-    def run_federation(grid: Any, settings: DictConfig, folder: Path) -> dict[str, Any]:
-        return original(RoundClock(grid, starts, cpu), settings, folder)
+    def run_federation(grid: Any, settings: DictConfig, folder: Path, *rest: Any) -> Any:
+        return original(RoundClock(grid, starts, cpu), settings, folder, *rest)
 
     server_app_module.run_federation = run_federation
     launched = time.perf_counter()

@@ -57,6 +57,15 @@ class DatasetName(StrEnum):
     mnist = "mnist"  # MNIST-format IDX files in a given folder
     omniglot = "omniglot"  # alphabet/character/*.png
     npz = "npz"  # x (N,H,W[,C]) and y (N,)
+    imagefolder = "imagefolder"  # root/<class>/*.png|jpg|jpeg, one folder per class
+
+
+class ModelArch(StrEnum):
+    """The gated backbone."""
+
+    conv = "conv"  # Conv-N: N blocks of 3x3 conv, norm, ReLU, 2x2 max-pool; a gate per conv
+    resnet12 = "resnet12"  # four residual stages of three 3x3 convs (the few-shot standard)
+    resnet18 = "resnet18"  # CIFAR-style ResNet-18: four stages of two basic blocks
 
 
 class NormKind(StrEnum):
@@ -106,6 +115,12 @@ class Aggregation(StrEnum):
 class ServerOptimizer(StrEnum):
     adam = "adam"
     sgd = "sgd"
+
+
+class TrackingBackend(StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"  # event files in the run folder
+    mlflow = "mlflow"  # a local MLflow store (tracking.uri)
 
 
 class Objective(StrEnum):

@@ -18,11 +18,13 @@ from conf.choices import (
     Aggregation,
     Clipping,
     DatasetName,
+    ModelArch,
     NormKind,
     Objective,
     RegularizerWhere,
     ServerOptimizer,
     StrategyName,
+    TrackingBackend,
     TrainGates,
     Weighting,
 )
@@ -59,11 +61,17 @@ class TaskConfig:
 
 @dataclass
 class ModelConfig:
+    # conv: Conv-N (width, depth); resnet12 / resnet18: gated ResNets (widths), one gate per
+    # residual block (conf/model/resnet12.yaml, resnet18.yaml).
+    arch: ModelArch = ModelArch.conv
     # metabn: statistics from the node's support set, frozen for its queries (deployable, one
     # image at a time); batch: the statistics of the batch being classified (transductive).
     norm: NormKind = NormKind.metabn
-    width: int = 32
-    depth: int = 4
+    width: int = 32  # Conv-N: filters per conv layer
+    depth: int = 4  # Conv-N: conv blocks
+    # ResNets: the four stage widths as one string (Flower run configs have no lists), e.g.
+    # "32,64,128,256" or 32-64-128-256 on the command line; "" = the architecture's default.
+    widths: str = ""
     gate_hidden: int = 16
     gate_bias: float = 3.0
 
@@ -169,6 +177,15 @@ class RayConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (server/tracking.py); the group file picks the backend."""
+
+    backend: TrackingBackend = TrackingBackend.tensorboard
+    uri: str | None = None  # MLflow: default sqlite:///<cwd>/mlruns/mlflow.db
+    experiment: str = "MetaGater"  # MLflow experiment name
+
+
+@dataclass
 class OutputConfig:
     dir: str = "outputs/flwr-run"  # where a ServerApp started by `flwr run` writes its results
     plots: bool = True
@@ -189,6 +206,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Where clients compute: auto (CUDA when torch sees a GPU, else CPU), cpu, cuda, cuda:N.
     # Payloads travel as CPU arrays; the server aggregates on the CPU.
     device: str = "auto"

@@ -6,8 +6,10 @@ It rebuilds partition P's task exactly as the ClientApp does (``gating.federated
 run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
 ``Adapt`` on the node's fixed support episode with the same λ and gate-noise seed as the run's
 final evaluation, freezes the norms' statistics as the node does (``metabn``: from its support
-set), and writes a :class:`gating.deploy.SlicedGatedNet` file: the deployment form that runs
-only the open channels, with everything a node needs to classify one image at a time.
+set), and writes a sliced model file (:class:`gating.deploy.SlicedGatedNet` for Conv-N,
+:class:`gating.deploy.SlicedGatedResNet` for the gated ResNets, picked by
+:func:`gating.deploy.sliced_model`): the deployment form that runs only the open channels, with
+everything a node needs to classify one image at a time.
 
 It classifies the node's queries one at a time with the exported model and with the masked
 dense network (same function, other arithmetic: they must agree), next to the accuracy the run
@@ -30,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from gating.deploy import BACKENDS, SlicedGatedNet, save_model
+from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.nodes import node_task
 from gating.federated.settings import (
     meta_config,
@@ -40,7 +42,7 @@ from gating.federated.settings import (
     seed_torch,
 )
 from gating.meta import Batch, accuracy, adapt, deployed_stats, forward
-from gating.model import GateMode
+from gating.model import GateMode, gate_shapes
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
@@ -51,18 +53,18 @@ TASK_ACCURACY = "task_accuracy.json"
 class Export:
     """An adapted node's sliced model and how it does on the node's query set."""
 
-    model: SlicedGatedNet
+    model: SlicedModel
     partition: int
     role: str
     server_round: int
     classes: list[int]  # global class ids in node-local label order (logit i -> classes[i])
     accuracy: float  # the sliced model, one query input at a time
-    masked_dense_accuracy: float  # GatedConvNet in GateMode.EVAL, one input at a time
-    transductive_accuracy: float  # GatedConvNet, norm statistics of the whole query batch
+    masked_dense_accuracy: float  # the gated module in GateMode.EVAL, one input at a time
+    transductive_accuracy: float  # the gated module, norm statistics of the whole query batch
     max_logit_difference: float  # sliced vs masked dense, over the query set
     masks_equal: bool  # the same channels open for every query input
     flops_ratio: float  # mean realized MACs / dense MACs over the query inputs
-    layer_active: list[float] = field(default_factory=list)  # mean open ratio per gated layer
+    layer_active: list[float] = field(default_factory=list)  # mean open ratio per gate
     reported: float | None = None  # the run's task_accuracy.json figure for this node
 
     def metadata(self) -> dict[str, object]:
@@ -99,7 +101,7 @@ def adapt_node(
         seed_torch(cfg.seed, task.partition_id, server_round, 1)
         adapted = {n: t.detach() for n, t in adapt(model, initial, support, meta_cfg).items()}
     stats = deployed_stats(model, adapted, support.x, meta_cfg)
-    sliced = SlicedGatedNet(spec, adapted, backend=backend, statistics=stats.frozen)
+    sliced = sliced_model(spec, adapted, backend=backend, statistics=stats.frozen)
 
     query_x, query_y = episode.query_x, episode.query_y
     sliced_preds, dense_preds, ratios, opened_all = [], [], [], []
@@ -118,6 +120,7 @@ def adapt_node(
             opened_all.append([len(o) for o in opened])
         batch = forward(model, adapted, query_x, GateMode.EVAL, meta_cfg)
     labels = query_y.numpy()
+    gate_channels = np.array([shape.out_channels for shape in gate_shapes(spec)])
     return Export(
         model=sliced,
         partition=task.partition_id,
@@ -130,7 +133,7 @@ def adapt_node(
         max_logit_difference=max_diff,
         masks_equal=masks_equal,
         flops_ratio=float(np.mean(ratios)),
-        layer_active=[float(r) for r in np.mean(opened_all, axis=0) / spec.width],
+        layer_active=[float(r) for r in np.mean(opened_all, axis=0) / gate_channels],
     )
 
 
@@ -199,7 +202,7 @@ def format_report(result: Export) -> str:
         f"partition {result.partition} ({result.role} node), adapted from the round "
         f"{result.server_round} meta-initialization; classes {result.classes}",
         f"backend {result.model.backend}; norm statistics: {norm}; flops_ratio "
-        f"{result.flops_ratio:.3f} (MACs, gates included); open channels per layer "
+        f"{result.flops_ratio:.3f} (MACs, gates included); open channels per gate "
         + ", ".join(f"{r:.2f}" for r in result.layer_active),
         "",
         "| query accuracy | value |",
@@ -213,7 +216,7 @@ def format_report(result: Export) -> str:
         "",
         f"sliced vs masked dense, batch 1: max |logit difference| "
         f"{result.max_logit_difference:.2e}, same open channels: {result.masks_equal}",
-        f"model: Conv-{spec.depth}, width {spec.width}, {spec.image_size}x{spec.image_size}x"
+        f"model: {spec.describe()}, {spec.image_size}x{spec.image_size}x"
         f"{spec.in_channels}, {spec.num_classes} classes",
     ]
     return "\n".join(lines)

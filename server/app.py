@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from conf.schema import settings_from_flat
 from server.federation import run_federation
+from server.progress import RoundReporter
 
 RUN_ID_PLACEHOLDER = "{run_id}"
 
@@ -41,7 +42,11 @@ def resolve_output_dir(template: str, run_id: int, base: Path | None = None) -> 
     return path.resolve()
 
 
-def build_server_app(settings: DictConfig | None = None, out_dir: Path | None = None) -> ServerApp:
+def build_server_app(
+    settings: DictConfig | None = None,
+    out_dir: Path | None = None,
+    reporter: RoundReporter | None = None,
+) -> ServerApp:
     """A ServerApp running the federation with ``settings`` into ``out_dir``.
 
     Without ``settings`` they come from ``context.run_config`` (``flwr run``, deployments),
@@ -59,7 +64,7 @@ def build_server_app(settings: DictConfig | None = None, out_dir: Path | None = 
         else:
             folder = resolve_output_dir(cfg.output.dir, context.run_id)
             log(INFO, "run %d: results go to %s", context.run_id, folder)
-        run_federation(grid, cfg, folder)
+        run_federation(grid, cfg, folder, reporter)
 
     return app
 

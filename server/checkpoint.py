@@ -81,7 +81,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """A run resumes only under the configuration it was started with (the settings of
-    :data:`RESUMABLE_CHANGES` aside)."""
+    :data:`RESUMABLE_CHANGES` aside). A setting added since the checkpoint was written counts
+    as its default there (the run could not have used anything else)."""
+    from conf.schema import default_config, to_flat
+
+    saved = {**to_flat(default_config()), **saved}
     changed = sorted(
         key
         for key in set(saved) | set(current)

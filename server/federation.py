@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.choices import Weighting
 from conf.schema import to_flat
+from gating.data import DatasetError, class_split, load_dataset
 from gating.federated.privacy import epsilon
 from gating.federated.protocol import (
     CONFIG,
@@ -31,7 +32,7 @@ from gating.federated.protocol import (
     encode_config,
 )
 from gating.federated.round import server_step_for
-from gating.federated.settings import initial_parameters, regularizer_weight, spec_for
+from gating.federated.settings import initial_parameters, regularizer_weight, spec_for, task_spec
 from gating.federated.updates import expected_examples
 from gating.model import dense_macs
 from server.checkpoint import (
@@ -42,8 +43,10 @@ from server.checkpoint import (
     rewrite_history,
     save_checkpoint,
 )
+from server.progress import RoundReporter
 from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
 from server.strategy import MetaLearningStrategy
+from server.tracking import make_tracker
 
 
 class FederationError(RuntimeError):
@@ -53,6 +56,10 @@ class FederationError(RuntimeError):
 class RunInterrupted(RuntimeError):
     """Stopped on request (Ctrl-C, SIGTERM); the last completed round's checkpoint is kept."""
 
+
+#: Seconds between polls of a simulation's in-memory grid: Flower's 0.1 s default costs up to
+#: that much per exchange, and polling a local queue is cheap.
+POLL_IN_SIMULATION = 0.01
 
 #: Set (e.g. by a signal handler) to stop the run at the next poll, within a fraction of a
 #: second, instead of after Flower's reply timeout.
@@ -154,154 +161,204 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
     return roster
 
 
-def run_federation(grid: Grid, cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Run (or resume) the whole federation; returns the summary written to summary.json."""
-    started = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    flat = to_flat(cfg)
-    saved = check_run_folder(out_dir, cfg.resume, flat)
-    OmegaConf.save(cfg, out_dir / "config.yaml")
+def record_class_split(cfg: DictConfig, out_dir: Path) -> None:
+    """Which classes meta-train and which are the target nodes' (held-out classes when the
+    dataset has many), as ``class_split.json``. Deployed sites with their own data have no
+    split of the run's dataset: then nothing is written."""
+    try:
+        dataset = load_dataset(cfg.dataset.name, cfg.dataset.path, cfg.dataset.image_size)
+    except DatasetError as error:
+        log(INFO, "no class split recorded (the server cannot read the dataset: %s)", error)
+        return
+    write_json(out_dir / "class_split.json", class_split(dataset, task_spec(cfg), cfg.seed))
 
-    if type(grid).__name__ == "InMemoryGrid":  # simulation: polling a local queue is cheap
-        grid.pull_interval = 0.01  # Flower's 0.1 s default costs up to that much per exchange
-    roster = discover(grid, cfg)
-    spec = spec_for(cfg, roster.channels, roster.image_size)
-    fed = cfg.federation
-    strategy = MetaLearningStrategy(
-        server_step_for(cfg, initial_parameters(spec, cfg.seed)),
-        roster.train,
-        roster.target,
-        clients_per_round=fed.clients_per_round,
-        min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
-        eval_nodes=fed.eval_nodes,
-        seed=cfg.seed,
-        expected_examples=(
-            None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
-        ),
-        gated_layers=spec.gated_layers,
-    )
-    history: list[dict[str, Any]] = []
-    first_round, elapsed_before = 1, 0.0
-    if saved is not None:
-        try:
-            strategy.load_state_dict(saved["strategy"])
-        except (ValueError, KeyError) as error:
-            raise FederationError(f"{checkpoint_path} does not fit this run: {error}") from error
-        history, first_round = read_history(out_dir, saved["round"]), saved["round"] + 1
-        rewrite_history(out_dir, history)
-        elapsed_before = saved["wall_seconds"]
-        log(INFO, "resuming after round %d from %s", saved["round"], checkpoint_path)
-    strategy.summary()
 
-    def evaluate(server_round: int, arrays, config, everyone: bool) -> dict[str, float]:
-        messages = list(strategy.configure_evaluate(server_round, arrays, config, grid, everyone))
-        replies = exchange(grid, messages, fed.timeout)
-        evaluation = strategy.aggregate_evaluate(server_round, replies)
-        return {} if evaluation is None else {k: float(v) for k, v in evaluation.items()}
-
-    def round_config(server_round: int):
-        weight = regularizer_weight(cfg, server_round)
-        return ConfigRecord(
-            encode_config(flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
-        )
-
-    arrays, state = strategy.arrays(), saved
-    for server_round in range(first_round, fed.rounds + 1):
-        round_start = time.monotonic()
-        config = round_config(server_round)
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
-        replies = exchange(grid, messages, fed.timeout)
-        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        record: dict[str, Any] = {
-            "round": server_round,
-            "train_loss": train_metrics["query-loss"],
-            "train_accuracy": train_metrics["query-accuracy"],
-            "train_flops_ratio": train_metrics["flops-ratio"],
-            "replies": train_metrics["replies"],
-            "clipped": train_metrics["clipped"],
-            "update_norm": train_metrics["update-norm"],
-            "bytes_per_client": train_metrics["bytes-down"] + train_metrics["bytes-up"],
-            "reg_weight": config[REG_WEIGHT_KEY],
-        }
-        if cfg.privacy.noise_multiplier > 0:
-            record["epsilon"] = epsilon(
-                cfg.privacy.noise_multiplier, server_round, cfg.privacy.delta
-            )
-        final = server_round == fed.rounds
-        if not final and server_round % fed.eval_every == 0:
-            record.update(evaluate(server_round, arrays, config, everyone=False))
-        record["seconds"] = time.monotonic() - round_start
-        history.append(record)
-        if not final:
-            _log_round(record, fed.rounds)
-        append_history(out_dir, record)
-        state = {
-            "round": server_round,
-            "strategy": strategy.state_dict(),
-            "config": flat,
-            "wall_seconds": elapsed_before + time.monotonic() - started,
-        }
-        save_checkpoint(checkpoint_path, state)
-
-    # The final evaluation (every target node) comes after the last round's checkpoint, so a
-    # run interrupted during it resumes straight into it, and resume=true on a finished run
-    # evaluates its final parameters again. Its result then joins the last round's history
-    # record (kept by a later extension to more rounds); wall_seconds stays the training time.
-    evaluation_start = time.monotonic()
-    strategy.last_evaluation = {}  # a periodic evaluation's result must not pass for the final one
-    final_record = evaluate(fed.rounds, arrays, round_config(fed.rounds), everyone=True)
-    final_record["evaluation_seconds"] = time.monotonic() - evaluation_start
-    history[-1].update(final_record)
-    append_history(out_dir, {"round": fed.rounds, **final_record})
-    _log_round(history[-1], fed.rounds)
-    write_json(out_dir / "history.json", history)
-    final_eval = strategy.last_evaluation
-    if not final_eval:
-        raise FederationError("the final evaluation got no result from any target node")
-    write_json(out_dir / TASK_ACCURACY_FILE, final_eval["task_accuracy"])
-    summary = {
-        "strategy": str(cfg.strategy.name),
-        "dataset": str(cfg.dataset.name),
-        "rounds": fed.rounds,
-        **{k: final_eval[k] for k in SUMMARY_KEYS if k in final_eval},
-        "dense_macs": dense_macs(spec),
-        "wall_seconds": elapsed_before + time.monotonic() - started,
-        "seconds_per_round": float(np.median([h["seconds"] for h in history])),
-        "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in history])),
-        "layer_active": final_eval["layer_active"],
-        "ways": cfg.task.ways,
-        "shots": cfg.task.shots,
-        "seed": cfg.seed,
-    }
-    if cfg.privacy.noise_multiplier > 0:
-        summary["epsilon"] = epsilon(cfg.privacy.noise_multiplier, fed.rounds, cfg.privacy.delta)
-        summary["delta"] = cfg.privacy.delta
-    write_json(out_dir / "summary.json", summary)
-    if cfg.output.plots:
-        plot_history(history, out_dir)
-    log(
-        INFO,
-        "results in %s: accuracy %.4f ± %.4f (before %.4f, nearest centroid %.4f), "
-        "flops_ratio %.3f",
-        out_dir,
-        summary["accuracy"],
-        summary["accuracy_ci95"],
-        summary["accuracy_before"],
-        summary["nearest_centroid_accuracy"],
-        summary["flops_ratio"],
-    )
+def run_federation(
+    grid: Grid, cfg: DictConfig, out_dir: Path, reporter: RoundReporter | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the whole federation; returns the summary written to summary.json.
+    ``reporter`` shows the progress (default: a line per round in Flower's log)."""
+    run = FederatedRun(grid, cfg, out_dir, reporter or RoundReporter())
+    try:  # the constructor has opened the tracker: close it whatever happens next
+        run.train()
+        summary = run.finish()
+    except BaseException:
+        run.abort()
+        raise
     return summary
 
 
-def _log_round(record: dict[str, Any], rounds: int) -> None:
-    line = (
-        f"[round {record['round']}/{rounds}] train loss {record['train_loss']:.3f} "
-        f"acc {record['train_accuracy']:.3f} flops {record['train_flops_ratio']:.3f}"
-    )
-    if "accuracy" in record:
-        line += (
-            f" | target acc {record['accuracy']:.3f} (before {record['accuracy_before']:.3f}) "
-            f"flops {record['flops_ratio']:.3f}"
+class FederatedRun:
+    """One run in its folder: set up (or resumed) from the checkpoint, then trained round by
+    round, then evaluated on every target node."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig, out_dir: Path, reporter: RoundReporter):
+        self.started = time.monotonic()
+        self.grid, self.cfg, self.out_dir, self.reporter = grid, cfg, out_dir, reporter
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = out_dir / CHECKPOINT_NAME
+        self.flat = to_flat(cfg)
+        saved = check_run_folder(out_dir, cfg.resume, self.flat)
+        OmegaConf.save(cfg, out_dir / "config.yaml")
+        record_class_split(cfg, out_dir)
+
+        if type(grid).__name__ == "InMemoryGrid":  # simulation: polling a local queue is cheap
+            grid.pull_interval = POLL_IN_SIMULATION
+        roster = discover(grid, cfg)
+        self.spec = spec_for(cfg, roster.channels, roster.image_size)
+        fed = cfg.federation
+        self.strategy = MetaLearningStrategy(
+            server_step_for(cfg, initial_parameters(self.spec, cfg.seed)),
+            roster.train,
+            roster.target,
+            clients_per_round=fed.clients_per_round,
+            min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
+            eval_nodes=fed.eval_nodes,
+            seed=cfg.seed,
+            expected_examples=(
+                None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
+            ),
+            gated_layers=self.spec.gated_layers,
         )
-    log(INFO, "%s | %.2fs", line, record["seconds"])
+        self.history: list[dict[str, Any]] = []
+        self.first_round, self.elapsed_before = 1, 0.0
+        if saved is not None:
+            try:
+                self.strategy.load_state_dict(saved["strategy"])
+            except (ValueError, KeyError) as error:
+                raise FederationError(
+                    f"{self.checkpoint} does not fit this run: {error}"
+                ) from error
+            self.history = read_history(out_dir, saved["round"])
+            rewrite_history(out_dir, self.history)
+            self.first_round = saved["round"] + 1
+            self.elapsed_before = saved["wall_seconds"]
+            log(INFO, "resuming after round %d from %s", saved["round"], self.checkpoint)
+        self.strategy.summary()
+        tracking = cfg.tracking
+        self.tracker = make_tracker(
+            tracking.backend, out_dir, self.flat, tracking.uri, tracking.experiment
+        )
+        self.arrays = self.strategy.arrays()
+
+    # ------------------------------------------------------------------ rounds
+    def round_config(self, server_round: int) -> ConfigRecord:
+        weight = regularizer_weight(self.cfg, server_round)
+        return ConfigRecord(
+            encode_config(self.flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
+        )
+
+    def evaluate(self, server_round: int, everyone: bool) -> dict[str, float]:
+        strategy, config = self.strategy, self.round_config(server_round)
+        messages = list(
+            strategy.configure_evaluate(server_round, self.arrays, config, self.grid, everyone)
+        )
+        replies = exchange(self.grid, messages, self.cfg.federation.timeout)
+        evaluation = strategy.aggregate_evaluate(server_round, replies)
+        return {} if evaluation is None else {k: float(v) for k, v in evaluation.items()}
+
+    def train_round(self, server_round: int) -> dict[str, Any]:
+        """One round: sample, exchange, aggregate; the record for the history."""
+        cfg, strategy = self.cfg, self.strategy
+        config = self.round_config(server_round)
+        messages = list(strategy.configure_train(server_round, self.arrays, config, self.grid))
+        replies = exchange(self.grid, messages, cfg.federation.timeout)
+        self.arrays, metrics = strategy.aggregate_train(server_round, replies)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "train_loss": metrics["query-loss"],
+            "train_accuracy": metrics["query-accuracy"],
+            "train_flops_ratio": metrics["flops-ratio"],
+            "replies": metrics["replies"],
+            "clipped": metrics["clipped"],
+            "update_norm": metrics["update-norm"],
+            "bytes_per_client": metrics["bytes-down"] + metrics["bytes-up"],
+            "reg_weight": config[REG_WEIGHT_KEY],
+        }
+        if (noise := cfg.privacy.noise_multiplier) > 0:
+            record["epsilon"] = epsilon(noise, server_round, cfg.privacy.delta)
+        return record
+
+    def train(self) -> None:
+        fed = self.cfg.federation
+        self.reporter.start(fed.rounds, self.first_round)
+        for server_round in range(self.first_round, fed.rounds + 1):
+            round_start = time.monotonic()
+            record = self.train_round(server_round)
+            final = server_round == fed.rounds
+            if not final and server_round % fed.eval_every == 0:
+                record.update(self.evaluate(server_round, everyone=False))
+            record["seconds"] = time.monotonic() - round_start
+            self.history.append(record)
+            append_history(self.out_dir, record)
+            if not final:
+                self.reporter.round(record)
+                self.tracker.round(record)
+            self.state = {
+                "round": server_round,
+                "strategy": self.strategy.state_dict(),
+                "config": self.flat,
+                "wall_seconds": self.elapsed_before + time.monotonic() - self.started,
+            }
+            save_checkpoint(self.checkpoint, self.state)
+
+    # ------------------------------------------------------------------ results
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation and the run's results.
+
+        It comes after the last round's checkpoint, so a run interrupted during it resumes
+        straight into it, and resume=true on a finished run evaluates its final parameters
+        again. Its result joins the last round's history record (kept by a later extension to
+        more rounds); wall_seconds stays the training time.
+        """
+        cfg, fed, out_dir, history = self.cfg, self.cfg.federation, self.out_dir, self.history
+        evaluation_start = time.monotonic()
+        self.strategy.last_evaluation = {}  # a periodic result must not pass for the final one
+        final_record = self.evaluate(fed.rounds, everyone=True)
+        final_record["evaluation_seconds"] = time.monotonic() - evaluation_start
+        history[-1].update(final_record)
+        append_history(out_dir, {"round": fed.rounds, **final_record})
+        self.reporter.round(history[-1])
+        self.reporter.close()
+        self.tracker.round(history[-1])
+        write_json(out_dir / "history.json", history)
+        final_eval = self.strategy.last_evaluation
+        if not final_eval:
+            raise FederationError("the final evaluation got no result from any target node")
+        write_json(out_dir / TASK_ACCURACY_FILE, final_eval["task_accuracy"])
+        summary = {
+            "strategy": str(cfg.strategy.name),
+            "dataset": str(cfg.dataset.name),
+            "rounds": fed.rounds,
+            **{k: final_eval[k] for k in SUMMARY_KEYS if k in final_eval},
+            "dense_macs": dense_macs(self.spec),
+            "wall_seconds": self.elapsed_before + time.monotonic() - self.started,
+            "seconds_per_round": float(np.median([h["seconds"] for h in history])),
+            "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in history])),
+            "layer_active": final_eval["layer_active"],
+            "ways": cfg.task.ways,
+            "shots": cfg.task.shots,
+            "seed": cfg.seed,
+        }
+        if (noise := cfg.privacy.noise_multiplier) > 0:
+            summary["epsilon"] = epsilon(noise, fed.rounds, cfg.privacy.delta)
+            summary["delta"] = cfg.privacy.delta
+        write_json(out_dir / "summary.json", summary)
+        plots = plot_history(history, out_dir, cfg.gating.target_ratio) if cfg.output.plots else []
+        self.tracker.finish(summary, [*plots, out_dir / "summary.json", out_dir / "history.json"])
+        log(
+            INFO,
+            "results in %s: accuracy %.4f ± %.4f (before %.4f, nearest centroid %.4f), "
+            "flops_ratio %.3f",
+            out_dir,
+            summary["accuracy"],
+            summary["accuracy_ci95"],
+            summary["accuracy_before"],
+            summary["nearest_centroid_accuracy"],
+            summary["flops_ratio"],
+        )
+        return summary
+
+    def abort(self) -> None:
+        self.reporter.close()
+        self.tracker.abort()

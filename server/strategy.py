@@ -189,6 +189,7 @@ class MetaLearningStrategy(Strategy):
                 [f"{report.norms[i]:.3g}" for i in report.clipped],
             )
         share = np.asarray(weights) / sum(weights)
+        arrays = self.arrays()
         metrics = MetricRecord(
             {
                 "replies": len(valid),
@@ -196,7 +197,7 @@ class MetaLearningStrategy(Strategy):
                 "clipped": len(report.clipped),
                 "update-norm": float(np.median(report.norms)),
                 # Payload per client and round: the parameters down, the update back up.
-                "bytes-down": self.arrays().count_bytes(),
+                "bytes-down": arrays.count_bytes(),
                 "bytes-up": float(np.mean([m.content[UPDATE].count_bytes() for m in valid])),
             }
         )
@@ -204,7 +205,7 @@ class MetaLearningStrategy(Strategy):
             values = [float(m.content[METRICS][key]) for m in valid if key in m.content[METRICS]]
             if len(values) == len(valid):
                 metrics[key] = float(np.dot(share, values))
-        return self.arrays(), metrics
+        return arrays, metrics
 
     def _weight(self, server_round: int, msg: Message) -> float:
         """The reply's claimed example count, bounded by what its task holds (if known)."""

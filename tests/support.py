@@ -128,16 +128,18 @@ class ProcessTree:
         assert not errors, "; ".join(errors)
 
 
-def assert_matches_central_differences(grads, params, objective, eps: float = 1e-6) -> None:
-    """Every group gets a gradient, and 3 random entries per tensor match central differences
-    of ``objective(params)`` (a float) in float64."""
+def assert_matches_central_differences(
+    grads, params, objective, eps: float = 1e-6, entries: int = 3
+) -> None:
+    """Every group gets a gradient, and ``entries`` random entries per tensor match central
+    differences of ``objective(params)`` (a float) in float64."""
     import pytest
     import torch
 
     generator = torch.Generator().manual_seed(0)
     for name, value in params.items():
         assert grads[name].abs().sum() > 0, f"no meta-gradient reaches {name}"
-        for index in torch.randperm(value.numel(), generator=generator)[:3].tolist():
+        for index in torch.randperm(value.numel(), generator=generator)[:entries].tolist():
             losses = []
             for sign in (1, -1):
                 probe = {k: v.clone().requires_grad_(True) for k, v in params.items()}

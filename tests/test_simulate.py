@@ -76,8 +76,13 @@ def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
         "checkpoint.pt",
         "accuracy.png",
         "flops_ratio.png",
+        "class_split.json",
+        "history.jsonl",
     ):
         assert (run / name).stat().st_size > 0, name
+    split = json.loads((run / "class_split.json").read_text())
+    assert split["dataset"] == "digits" and split["disjoint"] is False  # 10 classes: none held out
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # the default tracker
     history = json.loads((run / "history.json").read_text())
     assert [h["round"] for h in history] == list(range(1, 13))
     assert "accuracy" in history[5] and "accuracy" not in history[4]

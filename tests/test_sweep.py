@@ -332,3 +332,55 @@ def test_write_failure_keeps_the_chain_of_causes_in_one_paragraph(tmp_path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("RuntimeError: An error was encountered. Ending simulation.")
     assert "<- caused by ValueError: config key federation.clients_per_round=99" in first
+
+
+@pytest.mark.sweep
+def test_an_interrupted_sweep_run_again_runs_only_what_is_missing(tmp_path, subprocess_env):
+    args = ["seed=0,1,2", *TINY]
+    whole = tmp_path / "whole"
+    assert multirun(subprocess_env, whole, *args).returncode == 0
+
+    sweep = tmp_path / "sweep"
+    process = subprocess.Popen(
+        [sys.executable, "simulate.py", "-m", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=ROOT,
+        env=subprocess_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(sweep.glob("0_*/summary.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # as abrupt as a lost machine
+        process.wait(timeout=60)
+    assert len(list(sweep.glob("*/summary.json"))) < 3
+
+    again = multirun(subprocess_env, sweep, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert log.count("not run again") == 1  # job 0 is complete; jobs 1 and 2 trained
+    assert f"sweep folder: {sweep}" in log
+
+    def rows(folder: Path) -> dict[str, tuple]:
+        return {
+            row.label: (row.values["accuracy"], row.values["flops_ratio"], len(row.runs))
+            for row in build_rows(find_runs(folder))
+        }
+
+    assert rows(sweep) == rows(whole)
+
+
+def test_the_default_sweep_folder_is_named_by_the_command():
+    import simulate
+
+    assert simulate.sweep_name(["seed=0,1", "strategy=metagater,fedmeta"]) == simulate.sweep_name(
+        ["strategy=metagater,fedmeta", "seed=0,1"]
+    )
+    assert simulate.sweep_name(["dataset.path=/data/x.npz"]) == "dataset.path=-data-x.npz"
+    long = simulate.sweep_name([f"k{i}=" + "v" * 20 for i in range(10)])
+    assert len(long) <= 111
+    config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "config.yaml"))
+    assert config["hydra"]["sweep"]["dir"] == "multirun/${sweep_name:${hydra.overrides.task}}"

@@ -1,5 +1,5 @@
 """Real image-dataset loaders: scikit-learn digits, MNIST-format IDX folders, Omniglot-style PNG
-folders and generic ``.npz`` files.
+folders, generic ``.npz`` files and ImageFolder trees (``root/<class>/*.png|jpg|jpeg``).
 
 Nothing downloads here (the machines have no network): a missing or malformed dataset is a
 :class:`DatasetError` that says what is wrong and how to get or fix the data, never a silent
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import os
 import zipfile
 import zlib
@@ -23,7 +24,9 @@ from conf.choices import DatasetName
 
 __all__ = [
     "DATASET_NAMES",
+    "DEFAULT_IMAGEFOLDER_SIZE",
     "FASHION_MNIST_DIR",
+    "IMAGEFOLDER_EXTENSIONS",
     "DatasetError",
     "ImageDataset",
     "clear_dataset_cache",
@@ -51,6 +54,14 @@ FASHION_MNIST_CLASSES: tuple[str, ...] = (
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 DEFAULT_OMNIGLOT_SIZE = 28
+
+#: Side of an ImageFolder's images when no image_size is given: 28 for gray data (the Omniglot and
+#: MNIST convention), 32 for colour data (CIFAR-FS, the emoji folder of scripts/datasets/).
+DEFAULT_IMAGEFOLDER_SIZE: dict[str, int] = {"L": 28, "RGB": 32}
+#: The image files an ImageFolder class folder may hold (case-insensitive).
+IMAGEFOLDER_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+
+_log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -88,11 +99,13 @@ class ImageDataset:
 def load_dataset(
     name: str, path: str | os.PathLike[str] | None = None, image_size: int | None = None
 ) -> ImageDataset:
-    """Load dataset ``name`` ('digits', 'fashion_mnist', 'mnist', 'omniglot' or 'npz').
+    """Load dataset ``name`` ('digits', 'fashion_mnist', 'mnist', 'omniglot', 'npz' or
+    'imagefolder').
 
-    ``path`` is the folder (IDX, Omniglot) or file (npz); digits takes none, fashion_mnist
-    defaults to the Debian package folder. ``image_size`` resizes to a square of that side
-    (Omniglot defaults to 28; the others keep their native size when it is None).
+    ``path`` is the folder (IDX, Omniglot, ImageFolder) or file (npz); digits takes none,
+    fashion_mnist defaults to the Debian package folder. ``image_size`` resizes to a square of that
+    side (Omniglot defaults to 28, ImageFolder to 28 for gray and 32 for colour data; the others
+    keep their native size when it is None).
 
     Results are cached per process by (name, path, image_size) because every simulated client in a
     Ray worker asks for the same data; the returned arrays are read-only so no caller can change
@@ -141,6 +154,10 @@ def _resolve_path(key: str, path: str | os.PathLike[str] | None) -> str | None:
             raise DatasetError(
                 "dataset 'omniglot' needs a path to a folder laid out as "
                 "alphabet/character/*.png (e.g. Omniglot's images_background)"
+            )
+        elif key == "imagefolder":
+            raise DatasetError(
+                f"dataset 'imagefolder' needs a path to a folder laid out as {_IMAGEFOLDER_LAYOUT}"
             )
         else:
             raise DatasetError(
@@ -363,6 +380,210 @@ def _load_omniglot(root: Path, size: int) -> tuple[np.ndarray, np.ndarray, tuple
     return images, labels, tuple(names)
 
 
+# --------------------------------------------------------------------------- ImageFolder trees
+
+_IMAGEFOLDER_LAYOUT = (
+    "root/<class>/<image>.png|.jpg|.jpeg (one folder per class, named after the class; the "
+    "torchvision / Hugging Face ImageFolder layout)"
+)
+# Pillow modes by what they hold. 16-bit gray PNGs open as I;16 (or I in older Pillow); PNGs with
+# 16-bit colour open as 8-bit RGB(A). Any other mode is refused, naming the file.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N"})
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr"})
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGEFOLDER_EXTENSIONS
+
+
+def _scan_imagefolder(root: Path) -> tuple[list[Path], list[list[Path]]]:
+    """The class folders (sorted by name) and each one's image files (sorted by name).
+
+    Hidden entries (names starting with '.') are skipped everywhere; files at the root that are
+    not images (a README, classes.json) are metadata and skipped too. Everything else that is not
+    a class folder or an image in one is an error, so no image is ever dropped silently.
+    """
+    exts = "/".join(IMAGEFOLDER_EXTENSIONS)
+    if not root.exists():
+        raise DatasetError(
+            f"imagefolder root {root} does not exist; expected a folder laid out as "
+            f"{_IMAGEFOLDER_LAYOUT}"
+        )
+    if not root.is_dir():
+        raise DatasetError(
+            f"imagefolder root {root} is a file, not a folder; expected a folder laid out as "
+            f"{_IMAGEFOLDER_LAYOUT}"
+        )
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    class_dirs = [p for p in entries if p.is_dir()]
+    loose = [p for p in entries if _is_image_file(p)]
+    if loose:
+        raise DatasetError(
+            f"imagefolder root {root} has {len(loose)} image(s) directly in it (e.g. "
+            f"{loose[0].name}); expected {_IMAGEFOLDER_LAYOUT}: move every image into the folder "
+            "of its class"
+        )
+    if not class_dirs:
+        raise DatasetError(
+            f"imagefolder root {root} has no class folders; expected a folder laid out as "
+            f"{_IMAGEFOLDER_LAYOUT}"
+        )
+    files_per_class: list[list[Path]] = []
+    for cdir in class_dirs:
+        files: list[Path] = []
+        for p in sorted(cdir.iterdir()):
+            if p.name.startswith("."):
+                continue
+            if p.is_dir():
+                raise DatasetError(
+                    f"class folder {cdir} holds a folder {p.name!r}; an imagefolder has its images "
+                    f"directly in each class folder ({_IMAGEFOLDER_LAYOUT}); for "
+                    "alphabet/character/*.png use dataset=omniglot"
+                )
+            if not _is_image_file(p):
+                raise DatasetError(
+                    f"{p} in class folder {cdir.name!r} is not a {exts} image; convert it to one "
+                    "of those formats or move it out of the dataset"
+                )
+            files.append(p)
+        files_per_class.append(files)
+    empty = [c for c, files in zip(class_dirs, files_per_class, strict=True) if not files]
+    if empty:
+        raise DatasetError(
+            f"class folder {empty[0]} has no {exts} images ({len(empty)} such folder(s): "
+            f"{', '.join(repr(c.name) for c in empty[:5])}); add its images or remove it: every "
+            "folder in the root is a class"
+        )
+    return class_dirs, files_per_class
+
+
+def _image_mode(path: Path) -> str:
+    """Pillow's mode of one image file, from its header alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DatasetError(
+            f"cannot read image {path} (class folder {path.parent.name!r}): {exc}; replace or "
+            "remove the file"
+        ) from exc
+    if mode not in _GRAY_MODES and mode not in _COLOUR_MODES:
+        raise DatasetError(
+            f"image {path} has Pillow mode {mode!r}, which this loader does not read; save it "
+            "as 8-bit gray, RGB or RGBA"
+        )
+    return mode
+
+
+def _decode_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """One image as float32 (C, size, size) in [0, 1] in ``mode`` ("L" or "RGB").
+
+    Transparent pixels are composited onto white; 16-bit gray keeps its full range.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)  # as photo viewers show it
+            if im.mode in _WIDE_GRAY_MODES:
+                raw = np.asarray(im, dtype=np.int64)
+                if raw.size and (int(raw.min()) < 0 or int(raw.max()) > 65535):
+                    raise DatasetError(
+                        f"image {path} has {im.mode!r} pixels {int(raw.min())}..{int(raw.max())};"
+                        " expected 16-bit gray (0..65535); save it as 8- or 16-bit gray"
+                    )
+                gray = raw.astype(np.float32) / np.float32(65535.0)
+                key = im.info.get("transparency")
+                if isinstance(key, int):
+                    gray[raw == key] = 1.0  # a transparent gray value: white, like alpha below
+                resized = Image.fromarray(gray, mode="F").resize(
+                    (size, size), Image.Resampling.LANCZOS
+                )
+                pixels = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)[None]
+                return np.repeat(pixels, 3, axis=0) if mode == "RGB" else pixels
+            if im.has_transparency_data:
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            im = im.convert(mode)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.LANCZOS)
+            pixels = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+    except DatasetError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DatasetError(
+            f"cannot read image {path} (class folder {path.parent.name!r}): {exc}; replace or "
+            "remove the file"
+        ) from exc
+    return pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
+
+
+def _load_imagefolder(
+    root: Path, size: int | None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """``root/<class>/*.png|jpg|jpeg``: one class per folder, named after it, in sorted order.
+
+    - Classes are the sub-folders of ``root`` sorted by name (Python string order, as
+      torchvision's ``ImageFolder``); labels are positions in that order, images of a class are
+      read in sorted file-name order, so the dataset is the same on every machine.
+    - Mode: the dataset is RGB (3 channels) if any image is in colour (Pillow mode RGB, RGBA, P,
+      PA, CMYK, ...; a palette image counts as colour whatever its palette), and its gray images
+      are then converted to RGB (three equal channels) and a warning says how many; otherwise
+      it is gray (1 channel). 16-bit gray PNGs keep their full range.
+    - Transparent pixels (alpha, a palette's or a PNG's transparent colour) are composited onto
+      white; JPEG EXIF orientation is applied. Pixels are otherwise kept as stored (no inversion).
+    - Size: images may differ in size: every one is resized (Lanczos, aspect ratio not kept) to
+      a ``size`` x ``size`` square; ``size=None`` means 28 for gray data and 32 for colour data.
+    - Anything that would otherwise be dropped is an error naming the file or folder: an image
+      Pillow cannot read, an empty class folder, a file of another type or a folder inside a class
+      folder, images directly in the root, no class folders at all. Hidden entries (".name") are
+      skipped, and so are non-image files at the root (metadata such as classes.json).
+    """
+    class_dirs, files_per_class = _scan_imagefolder(root)
+    modes = [[_image_mode(f) for f in files] for files in files_per_class]
+    colour = [
+        (f, m)
+        for files, ms in zip(files_per_class, modes, strict=True)
+        for f, m in zip(files, ms, strict=True)
+        if m in _COLOUR_MODES
+    ]
+    total = sum(len(f) for f in files_per_class)
+    mode = "RGB" if colour else "L"
+    if colour and len(colour) < total:
+        gray = next(
+            f
+            for files, ms in zip(files_per_class, modes, strict=True)
+            for f, m in zip(files, ms, strict=True)
+            if m in _GRAY_MODES
+        )
+        _log.warning(
+            "imagefolder %s mixes colour and gray images: %d of its %d images are gray (e.g. %s) "
+            "and are converted to RGB (three equal channels), since %d are in colour (e.g. %s)",
+            root,
+            total - len(colour),
+            total,
+            gray,
+            len(colour),
+            colour[0][0],
+        )
+    size = DEFAULT_IMAGEFOLDER_SIZE[mode] if size is None else size
+    channels = 3 if mode == "RGB" else 1
+    images = np.empty((total, channels, size, size), dtype=np.float32)
+    labels = np.empty(total, dtype=np.int64)
+    i = 0
+    for cls, files in enumerate(files_per_class):
+        for f in files:
+            images[i] = _decode_image(f, mode, size)
+            labels[i] = cls
+            i += 1
+    return images, labels, tuple(c.name for c in class_dirs)
+
+
 # --------------------------------------------------------------------------- generic .npz
 
 
@@ -466,4 +687,5 @@ _LOADERS: dict[DatasetName, Callable[[str | None, int | None], Loaded]] = {
         Path(path), size or DEFAULT_OMNIGLOT_SIZE
     ),
     DatasetName.npz: lambda path, size: _load_npz(Path(path)),
+    DatasetName.imagefolder: lambda path, size: _load_imagefolder(Path(path), size),
 }

@@ -105,7 +105,8 @@ def site_task(cfg: DictConfig, node_config: dict[str, Any]) -> NodeTask:
 
 
 def site_format(cfg: DictConfig, path: str) -> str:
-    """The format of a site's data when its node config names none (see :func:`site_task`)."""
+    """The format of a site's data when its node config names none (see :func:`site_task`):
+    the run's dataset, or, for the embedded digits (no files), inferred from the path."""
     if cfg.dataset.name != "digits":
         return str(cfg.dataset.name)
     where = Path(os.path.expanduser(path))
@@ -113,12 +114,17 @@ def site_format(cfg: DictConfig, path: str) -> str:
         return "npz"
     if where.is_dir():
         names = {p.name.removesuffix(".gz") for p in where.iterdir()}
-        return "mnist" if "train-images-idx3-ubyte" in names else "omniglot"
+        if "train-images-idx3-ubyte" in names:
+            return "mnist"
+        classes = [p for p in where.iterdir() if p.is_dir()]
+        flat = any(f.is_file() for c in classes for f in c.iterdir())
+        return "imagefolder" if flat else "omniglot"
     problem = "does not exist" if not where.exists() else "is neither a .npz file nor a folder"
     raise DatasetError(
         f'node-config data-path="{path}" {problem}; give a .npz file, a folder of MNIST-format '
-        'IDX files or an Omniglot-style folder (and data-format="..." if the run\'s '
-        "dataset.name does not say which)"
+        "IDX files, an image folder (class/*.png) or an Omniglot-style folder "
+        '(alphabet/character/*.png), and data-format="..." if the run\'s dataset.name does '
+        "not say which"
     )
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from conf.choices import TRAITS, StrategyName
+from conf.choices import TRAITS, ModelArch, StrategyName
 from gating.data import DatasetError, NodeTask, TaskSpec
 from gating.meta import MetaConfig
-from gating.model import BACKBONE, GATE, GatedConvNet, ModelSpec
+from gating.model import BACKBONE, GATE, GatedModel, ModelSpec, build_model, parse_widths
 
 Params = dict[str, torch.Tensor]
 
@@ -44,29 +44,42 @@ def model_spec(cfg: DictConfig, task: NodeTask) -> ModelSpec:
 
 
 def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
-    """The model every node and the server build for this run and this image shape."""
-    return ModelSpec(
-        in_channels=channels,
-        image_size=image_size,
-        num_classes=cfg.task.ways,
-        width=cfg.model.width,
-        depth=cfg.model.depth,
-        gate_hidden=cfg.model.gate_hidden,
-        gate_bias=cfg.model.gate_bias,
-    )
+    """The model every node and the server build for this run and this image shape.
+
+    ``model.arch`` picks Conv-N (``model.width``, ``model.depth``) or a ResNet
+    (``model.widths``, a string such as ``"32,64,128,256"``; empty: the architecture's default).
+    """
+    arch = ModelArch(cfg.model.get("arch", ModelArch.conv))
+    widths = cfg.model.get("widths") or ""
+    # Conv-N keeps its own keys; the ResNets' width and depth fields stay at their (unused)
+    # defaults, so that equal networks have equal specs (model_for caches by spec).
+    conv = {"width": cfg.model.width, "depth": cfg.model.depth} if arch is ModelArch.conv else {}
+    try:
+        return ModelSpec(
+            in_channels=channels,
+            image_size=image_size,
+            num_classes=cfg.task.ways,
+            gate_hidden=cfg.model.gate_hidden,
+            gate_bias=cfg.model.gate_bias,
+            arch=arch,
+            widths=parse_widths(widths),
+            **conv,
+        )
+    except ValueError as error:
+        raise ValueError(f"model.arch={arch.value} model.widths={widths!r}: {error}") from error
 
 
 @lru_cache(maxsize=16)
-def model_for(spec: ModelSpec) -> GatedConvNet:
+def model_for(spec: ModelSpec) -> GatedModel:
     """A module used only as a function of given parameters (its own weights are never read)."""
-    return GatedConvNet(spec)
+    return build_model(spec)
 
 
 def initial_parameters(spec: ModelSpec, seed: int) -> Params:
     """The meta-initialization of round 1: a seeded fresh model, the caller's RNG untouched."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = GatedConvNet(spec)
+        model = build_model(spec)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 

@@ -26,7 +26,7 @@ from conf.choices import AdaptOrder, NormKind, RegularizerWhere, TrainGates
 from gating.model import (
     BACKBONE,
     GATE,
-    GatedConvNet,
+    GatedModel,
     GatedOutput,
     GateMode,
     active_channel_ratios,
@@ -86,7 +86,7 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
 
 
 def forward(
-    model: GatedConvNet,
+    model: GatedModel,
     params: Params,
     x: Tensor,
     mode: GateMode,
@@ -98,7 +98,7 @@ def forward(
 
 
 def query_forward(
-    model: GatedConvNet,
+    model: GatedModel,
     params: Params,
     x: Tensor,
     mode: GateMode,
@@ -116,7 +116,7 @@ def query_forward(
 
 
 def task_loss(
-    model: GatedConvNet,
+    model: GatedModel,
     params: Params,
     batch: Batch,
     cfg: MetaConfig,
@@ -138,7 +138,7 @@ def _group(params: Params, group: str) -> Params:
 
 
 def _sgd_stage(
-    model: GatedConvNet,
+    model: GatedModel,
     params: Params,
     group: str,
     lr: float,
@@ -180,7 +180,7 @@ def stages(cfg: MetaConfig) -> list[tuple[str, float]]:
 
 
 def adapt(
-    model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
+    model: GatedModel, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
 ) -> Params:
     """The two-stage adaptation; ``create_graph`` keeps the result differentiable (2nd order)."""
     for group, lr in stages(cfg):
@@ -197,7 +197,7 @@ class MetaStep:
 
 
 def meta_gradients(
-    model: GatedConvNet,
+    model: GatedModel,
     initial: Mapping[str, Tensor],
     support: Batch,
     query: Batch,
@@ -224,16 +224,18 @@ def meta_gradients(
 
 @torch.no_grad()
 def support_statistics(
-    model: GatedConvNet, params: Params, support_x: Tensor, cfg: MetaConfig
+    model: GatedModel, params: Params, support_x: Tensor, cfg: MetaConfig
 ) -> list[tuple[Tensor, Tensor]]:
-    """Per layer, the ``(mean, var)`` of each channel over the support set, deterministic gates:
-    what a ``metabn`` node freezes after ``Adapt`` for all its later inputs."""
+    """Per norm layer (by statistics index), the ``(mean, var)`` of each channel over the
+    support set, deterministic gates: what a ``metabn`` node freezes after ``Adapt`` for all its
+    later inputs. Conv-N has one norm per conv layer, the ResNets one per conv (shortcuts
+    included), see ``gating.model.layout.norm_channels``."""
     out = forward(model, params, support_x, cfg.eval_mode, cfg)
-    return [(layer.mean.flatten(), layer.var.flatten()) for layer in out.trace]
+    return [(mean.flatten(), var.flatten()) for mean, var in out.statistics]
 
 
 def deployed_stats(
-    model: GatedConvNet, params: Params, support_x: Tensor, cfg: MetaConfig
+    model: GatedModel, params: Params, support_x: Tensor, cfg: MetaConfig
 ) -> NormStats:
     """The statistics a deployed node classifies with, one input at a time: the frozen support
     statistics (``metabn``), or each input's own (``batch``, the MAML norm at batch size 1)."""
@@ -244,7 +246,7 @@ def deployed_stats(
 
 @torch.no_grad()
 def _evaluate(
-    model: GatedConvNet, params: Params, support: Batch, query: Batch, cfg: MetaConfig
+    model: GatedModel, params: Params, support: Batch, query: Batch, cfg: MetaConfig
 ) -> dict[str, object]:
     """Query metrics as a deployed node gets them (one input at a time), and the transductive
     accuracy (norm statistics of the whole query batch) beside it for the literature."""
@@ -264,7 +266,7 @@ def _evaluate(
 
 
 def evaluate_adaptation(
-    model: GatedConvNet,
+    model: GatedModel,
     initial: Mapping[str, Tensor],
     support: Batch,
     query: Batch,

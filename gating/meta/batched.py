@@ -25,11 +25,11 @@ from gating.meta.adapt import (
     stages,
     task_loss,
 )
-from gating.model import BACKBONE, GatedConvNet, LayerTrace, flops_ratio, group_of
+from gating.model import BACKBONE, GatedModel, LayerTrace, flops_ratio, group_of
 
 
 def _stage(
-    model: GatedConvNet, params: Params, group: str, lr: float, support: Batch, cfg: MetaConfig
+    model: GatedModel, params: Params, group: str, lr: float, support: Batch, cfg: MetaConfig
 ) -> Params:
     """``inner_steps`` gradient steps on one group (as ``gating.meta.adapt._sgd_stage``); the step
     stays differentiable when an outer ``torch.func.grad`` is tracing it."""
@@ -45,14 +45,14 @@ def _stage(
     return params
 
 
-def adapt(model: GatedConvNet, params: Params, support: Batch, cfg: MetaConfig) -> Params:
+def adapt(model: GatedModel, params: Params, support: Batch, cfg: MetaConfig) -> Params:
     """The two-stage adaptation of ``gating.meta.adapt.adapt``, in ``torch.func`` form."""
     for group, lr in stages(cfg):
         params = _stage(model, params, group, lr, support, cfg)
     return params
 
 
-def _task_fn(model: GatedConvNet, learnable: list[str], cfg: MetaConfig) -> Callable[..., tuple]:
+def _task_fn(model: GatedModel, learnable: list[str], cfg: MetaConfig) -> Callable[..., tuple]:
     """One task's (meta-gradient, (query loss, query logits, gate masks)) as a pure function."""
     outer_reg = cfg.outer_regularized
 
@@ -86,7 +86,7 @@ def _task_fn(model: GatedConvNet, learnable: list[str], cfg: MetaConfig) -> Call
 
 
 def meta_gradients_batched(
-    model: GatedConvNet,
+    model: GatedModel,
     initial: Mapping[str, Tensor],
     episodes: Sequence[tuple[Batch, Batch]],
     cfg: MetaConfig,

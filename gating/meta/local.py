@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gating.meta.adapt import Batch, MetaConfig, Params, accuracy, forward
-from gating.model import BACKBONE, GatedConvNet, GateMode
+from gating.model import BACKBONE, GatedModel, GateMode
 
 
 @dataclass
@@ -36,7 +36,7 @@ def _backbone(initial: Mapping[str, Tensor]) -> tuple[Params, Params]:
 
 
 def _loss(
-    model: GatedConvNet, theta: Params, rest: Params, batch: Batch, cfg: MetaConfig
+    model: GatedModel, theta: Params, rest: Params, batch: Batch, cfg: MetaConfig
 ) -> tuple[Tensor, Tensor]:
     out = forward(model, {**theta, **rest}, batch.x, GateMode.OFF, cfg)
     return F.cross_entropy(out.logits, batch.y), out.logits
@@ -55,7 +55,7 @@ def _result(
 
 
 def fedavg_update(
-    model: GatedConvNet,
+    model: GatedModel,
     initial: Mapping[str, Tensor],
     batches: Callable[[], Batch],
     cfg: MetaConfig,
@@ -76,7 +76,7 @@ def fedavg_update(
 
 
 def hessian_vector_product(
-    model: GatedConvNet,
+    model: GatedModel,
     theta: Params,
     rest: Params,
     batch: Batch,
@@ -92,7 +92,7 @@ def hessian_vector_product(
 
 
 def perfedavg_update(
-    model: GatedConvNet,
+    model: GatedModel,
     initial: Mapping[str, Tensor],
     episodes: Callable[[], tuple[Batch, Batch, Batch]],
     cfg: MetaConfig,

@@ -29,6 +29,8 @@ class ConvBlock(nn.Module):
 
 
 class Backbone(nn.Module):
+    """The Conv-N backbone's parameters: ``blocks`` (conv, norm) and the linear ``head``."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         channels = [spec.in_channels] + [spec.width] * spec.depth
@@ -47,6 +49,8 @@ class GatedConvNet(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
+        if spec.is_resnet:
+            raise ValueError(f"GatedConvNet builds Conv-N, not {spec.describe()}: use build_model")
         self.spec = spec
         self.backbone = Backbone(spec)
         channels = [spec.in_channels] + [spec.width] * spec.depth
@@ -65,11 +69,14 @@ class GatedConvNet(nn.Module):
     ) -> GatedOutput:
         """``masks`` (one (B, C_out) or (C_out,) tensor per layer) overrides the gates' decisions,
         e.g. to close chosen channels; the gate MLPs still run so their cost is still paid.
-        ``stats`` says where the norms take their statistics from (default: the batch)."""
+        ``stats`` says where the norms take their statistics from (default: the batch); the
+        norm of conv layer l has statistics index l."""
         mode = GateMode(mode)
         trace: list[LayerTrace] = []
+        statistics: list[tuple[Tensor, Tensor]] = []
         for index, (block, gate) in enumerate(zip(self.backbone.blocks, self.gate, strict=True)):
             features, mean, var = block(x, stats, index)
+            statistics.append((mean, var))
             if mode is GateMode.OFF:
                 trace.append(LayerTrace(mask=None, prob=None, mean=mean, var=var))
             else:
@@ -80,4 +87,5 @@ class GatedConvNet(nn.Module):
                 features = features * mask[:, :, None, None]
                 trace.append(LayerTrace(mask, logits.sigmoid(), mean, var))
             x = F.max_pool2d(features, 2, ceil_mode=True)
-        return GatedOutput(logits=self.backbone.head(x.flatten(1)), trace=trace)
+        logits = self.backbone.head(x.flatten(1))
+        return GatedOutput(logits=logits, trace=trace, statistics=statistics)

@@ -1,54 +1,44 @@
-"""MAC accounting for the gated network (1 MAC = one multiply-add).
+"""MAC accounting for the gated networks (1 MAC = one multiply-add).
 
 No library sees data-dependent channel masks, so the count is written here from the masks each
 input actually realized. With every gate open it equals ``FlopCounterMode`` total / 2 (tested).
 Only convolutions and linear layers are counted, as ``FlopCounterMode`` does; norm, ReLU,
-pooling, the gates' average pool and the mask multiply are elementwise and left out.
+pooling, the residual sums, the gates' average pool and the mask multiply are elementwise and
+left out.
+
+Every figure comes from one description of the network, :func:`gating.model.layout.layer_costs`
+(kernel area, output positions, and where each layer's active input and output channel counts
+come from), so Conv-N and the ResNets share the dense count, the realized count per input, the
+differentiable expected ratio of the regularizer and ``flops_ratio``.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from gating.model.layout import Channels, LayerCost, gate_shapes, layer_costs
 from gating.model.spec import LayerTrace, ModelSpec
 
+__all__ = [
+    "LayerCost",
+    "active_channel_ratios",
+    "active_counts",
+    "dense_macs",
+    "expected_mac_ratio",
+    "flops_ratio",
+    "gate_macs",
+    "gate_regularizer",
+    "layer_costs",
+    "macs_of_masks",
+    "macs_per_layer",
+    "realized_macs",
+]
 
-@dataclass(frozen=True)
-class LayerCost:
-    name: str
-    dense_macs: int
-    in_channels: int
-    out_channels: int
-    spatial: int  # output positions of the layer (H_out * W_out)
-
-
-def layer_costs(spec: ModelSpec) -> list[LayerCost]:
-    """Dense cost of every backbone layer: the convs, then the (ungated) head."""
-    sizes = spec.layer_sizes()
-    k2 = spec.kernel_size**2
-    costs = []
-    channels = [spec.in_channels] + [spec.width] * spec.depth
-    for index in range(spec.depth):
-        spatial = sizes[index] ** 2
-        c_in, c_out = channels[index], channels[index + 1]
-        costs.append(
-            LayerCost(f"conv{index + 1}", k2 * spatial * c_in * c_out, c_in, c_out, spatial)
-        )
-    head_spatial = sizes[-1] ** 2
-    costs.append(
-        LayerCost(
-            "head",
-            spec.head_features * spec.num_classes,
-            spec.width,
-            spec.num_classes,
-            head_spatial,
-        )
-    )
-    return costs
+#: Per cost layer, the active ``(input, output)`` channel counts of every input, shape (B,).
+Counts = list[tuple[Tensor, Tensor]]
 
 
 def dense_macs(spec: ModelSpec) -> int:
@@ -58,39 +48,57 @@ def dense_macs(spec: ModelSpec) -> int:
 
 def gate_macs(spec: ModelSpec) -> int:
     """The gate MLPs' own cost per input (always paid in full when gating is on)."""
-    channels = [spec.in_channels] + [spec.width] * spec.depth
-    return sum(spec.gate_hidden * (c_in + c_out) for c_in, c_out in itertools.pairwise(channels))
+    return sum(spec.gate_hidden * (g.in_channels + g.out_channels) for g in gate_shapes(spec))
 
 
-def active_counts(
-    spec: ModelSpec, trace: list[LayerTrace], batch: int, device, dtype
-) -> list[Tensor]:
-    """Per-input number of open channels entering each layer (input image first)."""
-    counts = [torch.full((batch,), float(spec.in_channels), device=device, dtype=dtype)]
-    for layer in trace:
-        if layer.mask is None:
-            counts.append(torch.full((batch,), float(spec.width), device=device, dtype=dtype))
-        else:
-            counts.append(layer.mask.detach().to(dtype).sum(dim=1))
-    return counts
+def _counts(spec: ModelSpec, columns: Sequence[Tensor | None], batch: int, device, dtype) -> Counts:
+    """Active channel counts per layer from each gate's per-input column values (0/1 masks for
+    the realized count, open probabilities for the expected one); None: that gate is off."""
+    cache: dict[Channels, Tensor] = {}
+
+    def active(source: Channels) -> Tensor:
+        if source not in cache:
+            values = None if source.gate is None else columns[source.gate]
+            if values is None:
+                count = torch.full((batch,), float(source.count), device=device, dtype=dtype)
+            else:
+                if source.offset != 0 or source.count != values.shape[1]:
+                    values = values[:, source.offset : source.stop]
+                count = values.to(dtype).sum(dim=1)
+            cache[source] = count
+        return cache[source]
+
+    return [(active(cost.inputs), active(cost.outputs)) for cost in layer_costs(spec)]
 
 
-def macs_per_layer(spec: ModelSpec, counts: list[Tensor]) -> list[Tensor]:
-    """Conv l costs k*k*H*W*active_in*active_out; the head costs active_in_features*classes.
+def active_counts(spec: ModelSpec, trace: list[LayerTrace], batch: int, device, dtype) -> Counts:
+    """Per layer (as :func:`layer_costs`), the per-input numbers of open input and output
+    channels the masks of ``trace`` realized (all of them where gating is off)."""
+    masks = [None if layer.mask is None else layer.mask.detach() for layer in trace]
+    return _counts(spec, masks, batch, device, dtype)
 
-    ``counts[l]`` is the number of open channels entering layer l (``counts[0]``: the image's).
-    """
-    costs = layer_costs(spec)
-    k2 = spec.kernel_size**2
-    per_layer = [
-        k2 * cost.spatial * counts[index] * counts[index + 1]
-        for index, cost in enumerate(costs[:-1])
+
+def macs_per_layer(spec: ModelSpec, counts: Counts) -> list[Tensor]:
+    """Layer l costs ``kernel_area * spatial * active_in * active_out`` (per input): a conv
+    ``k*k*H_out*W_out*active_in*active_out``, Conv-N's head ``active_in * S * classes``."""
+    return [
+        cost.factor * active_in * active_out
+        for cost, (active_in, active_out) in zip(layer_costs(spec), counts, strict=True)
     ]
-    return [*per_layer, counts[-1] * costs[-1].spatial * spec.num_classes]
 
 
-def _macs_from_counts(spec: ModelSpec, counts: list[Tensor]) -> Tensor:
+def _macs_from_counts(spec: ModelSpec, counts: Counts) -> Tensor:
     return torch.stack(macs_per_layer(spec, counts)).sum(dim=0)
+
+
+def macs_of_masks(spec: ModelSpec, masks: Sequence[Tensor | None]) -> Tensor:
+    """MACs per input, gates included, of per-gate 0/1 masks (B, channels of the gate): what
+    a sliced engine reports from the channels it opened. ``None`` for a gate: all open."""
+    reference = next((m for m in masks if m is not None), None)
+    if reference is None:
+        raise ValueError("macs_of_masks needs the mask of at least one gate")
+    counts = _counts(spec, masks, reference.shape[0], reference.device, torch.float64)
+    return _macs_from_counts(spec, counts) + gate_macs(spec)
 
 
 def realized_macs(spec: ModelSpec, trace: list[LayerTrace]) -> Tensor:
@@ -111,12 +119,7 @@ def expected_mac_ratio(spec: ModelSpec, trace: list[LayerTrace]) -> Tensor:
     if any(p is None for p in probs):
         raise ValueError("expected_mac_ratio needs a gated forward pass (mode != 'off')")
     first = probs[0]
-    counts = [
-        torch.full(
-            (first.shape[0],), float(spec.in_channels), device=first.device, dtype=first.dtype
-        )
-    ]
-    counts += [p.sum(dim=1) for p in probs]
+    counts = _counts(spec, probs, first.shape[0], first.device, first.dtype)
     expected = _macs_from_counts(spec, counts) + gate_macs(spec)
     return expected.mean() / dense_macs(spec)
 
@@ -127,7 +130,7 @@ def gate_regularizer(spec: ModelSpec, trace: list[LayerTrace], target_ratio: flo
 
 
 def active_channel_ratios(trace: list[LayerTrace]) -> list[float]:
-    """Mean fraction of open channels per gated layer (1.0 for an ungated pass)."""
+    """Mean fraction of open channels per gate (1.0 for an ungated pass)."""
     return [1.0 if layer.mask is None else float(layer.mask.detach().mean()) for layer in trace]
 
 
