@@ -112,6 +112,13 @@ class Aggregation(StrEnum):
     trimmed_mean = "trimmed_mean"  # coordinate-wise, robust.trim_fraction cut at each end
 
 
+class GateCost(StrEnum):
+    """Which MAC ratio the regularizer R = (ratio - ρ)+² holds to the target."""
+
+    expected = "expected"  # from the gates' open probabilities (the training-time expectation)
+    deployed = "deployed"  # what deterministic gates realize at a node (straight-through)
+
+
 class ServerOptimizer(StrEnum):
     adam = "adam"
     sgd = "sgd"

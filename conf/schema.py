@@ -18,6 +18,7 @@ from conf.choices import (
     Aggregation,
     Clipping,
     DatasetName,
+    GateCost,
     ModelArch,
     NormKind,
     Objective,
@@ -94,6 +95,7 @@ class GatingConfig:
     where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
     train_gates: TrainGates = TrainGates.hard
+    cost: GateCost = GateCost.expected  # the MAC ratio R holds to ρ
 
 
 GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)

@@ -133,6 +133,23 @@ def test_expected_ratio_follows_gate_probabilities():
     assert gate_regularizer(spec, trace, target_ratio=0.5).detach().item() == 0.0
 
 
+def test_the_deployed_cost_is_what_deterministic_gates_realize_and_trains_the_gates():
+    torch.manual_seed(3)
+    spec = ModelSpec(in_channels=1, image_size=8, width=8, depth=2, gate_bias=0.0)
+    model = GatedConvNet(spec)
+    images = torch.rand(6, 1, 8, 8)
+    # On a deterministic pass it is exactly the realized ratio; the expectation is not.
+    deterministic = model(images, mode=GateMode.EVAL).trace
+    realized = realized_macs(spec, deterministic).mean().item() / dense_macs(spec)
+    ratio = expected_mac_ratio(spec, deterministic, deployed=True)
+    assert ratio.item() == pytest.approx(realized, rel=1e-6)
+    assert expected_mac_ratio(spec, deterministic).item() != pytest.approx(realized, rel=1e-3)
+    # In training (relaxed gates upstream) it still reaches every gate.
+    trace = model(images, mode=GateMode.SOFT).trace
+    gate_regularizer(spec, trace, target_ratio=0.1, deployed=True).backward()
+    assert all(gate.fc2.bias.grad.abs().sum() > 0 for gate in model.gate)
+
+
 def test_straight_through_gradient_reaches_every_gate_parameter(digits_batch):
     images, labels = digits_batch
     torch.manual_seed(2)

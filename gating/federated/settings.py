@@ -110,6 +110,7 @@ def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
         reg_where=cfg.gating.where,
         temperature=cfg.gating.temperature,
         train_gates=cfg.gating.train_gates,
+        cost=cfg.gating.cost,
         norm=cfg.model.norm,
     )
 

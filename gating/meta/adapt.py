@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from conf.choices import AdaptOrder, NormKind, RegularizerWhere, TrainGates
+from conf.choices import AdaptOrder, GateCost, NormKind, RegularizerWhere, TrainGates
 from gating.model import (
     BACKBONE,
     GATE,
@@ -56,6 +56,7 @@ class MetaConfig:
     temperature: float = 2 / 3
     train_gates: TrainGates = TrainGates.hard  # during adaptation and the query loss
     norm: NormKind = NormKind.metabn  # where query predictions take norm statistics from
+    cost: GateCost = GateCost.expected  # the MAC ratio the regularizer holds to ρ
 
     @property
     def train_mode(self) -> GateMode:
@@ -129,7 +130,9 @@ def task_loss(
     out = query_forward(model, params, batch.x, cfg.train_mode, cfg, support_x)
     loss = F.cross_entropy(out.logits, batch.y)
     if cfg.gating and regularize and cfg.reg_weight > 0:
-        loss = loss + cfg.reg_weight * gate_regularizer(model.spec, out.trace, cfg.target_ratio)
+        deployed = cfg.cost is GateCost.deployed
+        penalty = gate_regularizer(model.spec, out.trace, cfg.target_ratio, deployed)
+        loss = loss + cfg.reg_weight * penalty
     return loss, out
 
 

@@ -110,23 +110,35 @@ def realized_macs(spec: ModelSpec, trace: list[LayerTrace]) -> Tensor:
     return _macs_from_counts(spec, counts) + gate_macs(spec)
 
 
-def expected_mac_ratio(spec: ModelSpec, trace: list[LayerTrace]) -> Tensor:
-    """Differentiable expected MAC ratio from the gates' open probabilities, batch mean.
+def _deployed(prob: Tensor) -> Tensor:
+    """The channel a deterministic gate opens (``logit > 0``), with the gradient of its
+    open probability (straight through)."""
+    return (prob > 0.5).to(prob.dtype) + (prob - prob.detach())
 
-    Channels are treated as independent, so E[active_in * active_out] = E[in] * E[out].
+
+def expected_mac_ratio(spec: ModelSpec, trace: list[LayerTrace], deployed: bool = False) -> Tensor:
+    """Differentiable MAC ratio, batch mean: expected from the gates' open probabilities
+    (channels independent, so E[active_in * active_out] = E[in] * E[out]), or, with
+    ``deployed``, the ratio the deterministic gates of a deployed node realize, differentiated
+    through the probabilities (straight-through).
     """
     probs = [layer.prob for layer in trace]
     if any(p is None for p in probs):
         raise ValueError("expected_mac_ratio needs a gated forward pass (mode != 'off')")
+    if deployed:
+        probs = [_deployed(p) for p in probs]
     first = probs[0]
     counts = _counts(spec, probs, first.shape[0], first.device, first.dtype)
     expected = _macs_from_counts(spec, counts) + gate_macs(spec)
     return expected.mean() / dense_macs(spec)
 
 
-def gate_regularizer(spec: ModelSpec, trace: list[LayerTrace], target_ratio: float) -> Tensor:
-    """R = (expected MAC ratio - target)_+^2: pushes compute down to the target, never below."""
-    return torch.relu(expected_mac_ratio(spec, trace) - target_ratio) ** 2
+def gate_regularizer(
+    spec: ModelSpec, trace: list[LayerTrace], target_ratio: float, deployed: bool = False
+) -> Tensor:
+    """R = (MAC ratio - target)_+^2 (see :func:`expected_mac_ratio`): pushes compute down to
+    the target, never below."""
+    return torch.relu(expected_mac_ratio(spec, trace, deployed) - target_ratio) ** 2
 
 
 def active_channel_ratios(trace: list[LayerTrace]) -> list[float]:
