@@ -34,6 +34,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """The configuration ``python simulate.py <overrides>`` would run."""
     from hydra import compose, initialize_config_dir
 
+    import simulate  # noqa: F401  (registers the structured config Hydra composes onto)
     from conf.schema import validate
 
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
