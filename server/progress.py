@@ -11,7 +11,9 @@ logger, as its console is a log anyway.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -34,6 +36,14 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     return f"{line} | {record['seconds']:.2f}s"
 
 
+def _columns(stream: TextIO) -> int:
+    """The terminal's width (a pseudo-terminal of size 0 cannot show a bar)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return 80  # a stream without a file descriptor that says it is a terminal
+
+
 class RoundReporter:
     """Every round as a line of Flower's log (the ServerApp's console under ``flwr run``)."""
 
@@ -53,7 +63,7 @@ class ProgressReporter(RoundReporter):
 
     def __init__(self, stream: TextIO | None = None, every: int | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.interactive = self.stream.isatty()
+        self.interactive = self.stream.isatty() and _columns(self.stream) > 0
         self.every = every
         self.bar: tqdm | None = None
         self.last_accuracy: float | None = None
