@@ -107,6 +107,7 @@ class AdaptConfig:
     backbone_lr: float = 0.4
     gate_lr: float = 0.4
     inner_steps: int = 1
+    zero_head: bool = False  # every task's adaptation starts from a zero head
 
 
 @dataclass

@@ -139,3 +139,32 @@ def test_one_adaptation_step_learns_the_support_set(task, tiny_model):
     result = evaluate_adaptation(model, params, support, support, cfg)
     assert result["after"]["loss"] < result["before"]["loss"]
     assert len(result["after"]["layer_active"]) == 2
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_zero_head_starts_every_task_from_a_zero_head(task, tiny_model, first_order):
+    """adapt.zero_head: the meta-initialization's head is never used (its meta-gradient is
+    zero) and the rest still gets the exact meta-gradient of that objective."""
+    support, query = task
+    model, params = tiny_model(seed=3)
+    params = {n: v.requires_grad_(True) for n, v in params.items()}
+    cfg = replace(CONFIGS["backbone_first"], zero_head=True, first_order=first_order)
+    cfg = replace(cfg, train_gates="soft")
+    torch.manual_seed(5)
+    step = meta_gradients(model, params, support, query, cfg)
+    for name in ("backbone.head.weight", "backbone.head.bias"):
+        assert torch.count_nonzero(step.grads[name]) == 0
+    other = {n: v + 1.0 if "head" in n else v for n, v in params.items()}
+    torch.manual_seed(5)
+    assert meta_objective(model, other, support, query, cfg, 5).item() == pytest.approx(
+        meta_objective(model, params, support, query, cfg, 5).item(), rel=1e-12
+    )
+    if not first_order:
+        body = {n: v for n, v in params.items() if "head" not in n}
+        assert_matches_central_differences(
+            {n: step.grads[n] for n in body},
+            body,
+            lambda probe: meta_objective(
+                model, {**params, **probe}, support, query, cfg, noise_seed=5
+            ).item(),
+        )

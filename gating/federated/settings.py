@@ -103,6 +103,7 @@ def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
         backbone_lr=cfg.adapt.backbone_lr,
         gate_lr=cfg.adapt.gate_lr,
         inner_steps=cfg.adapt.inner_steps,
+        zero_head=cfg.adapt.zero_head,
         first_order=cfg.meta.first_order,
         gating=cfg.gating.enabled,
         target_ratio=cfg.gating.target_ratio,

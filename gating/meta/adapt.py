@@ -57,6 +57,9 @@ class MetaConfig:
     train_gates: TrainGates = TrainGates.hard  # during adaptation and the query loss
     norm: NormKind = NormKind.metabn  # where query predictions take norm statistics from
     cost: GateCost = GateCost.expected  # the MAC ratio the regularizer holds to ρ
+    # Every task starts from a zero head: labels are node-local, in a node-specific order, so
+    # no head initialization suits every task; first order cannot meta-learn one anyway.
+    zero_head: bool = False
 
     @property
     def train_mode(self) -> GateMode:
@@ -182,10 +185,25 @@ def stages(cfg: MetaConfig) -> list[tuple[str, float]]:
     return [(group, lr) for group, lr in order if group != GATE or cfg.gating]
 
 
+HEAD = ("backbone.head.weight", "backbone.head.bias")
+
+
+def start_of_task(params: Params, cfg: MetaConfig) -> Params:
+    """The parameters a task's adaptation starts from: the meta-initialization, with the head
+    zeroed under ``zero_head`` (then the head's meta-gradient is zero: nothing to learn)."""
+    if not cfg.zero_head:
+        return params
+    return {
+        n: torch.zeros_like(p, requires_grad=p.requires_grad) if n in HEAD else p
+        for n, p in params.items()
+    }
+
+
 def adapt(
     model: GatedModel, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
 ) -> Params:
     """The two-stage adaptation; ``create_graph`` keeps the result differentiable (2nd order)."""
+    params = start_of_task(params, cfg)
     for group, lr in stages(cfg):
         params = _sgd_stage(model, params, group, lr, support, cfg, create_graph)
     return params
@@ -218,7 +236,9 @@ def meta_gradients(
     loss, out = task_loss(model, adapted, query, cfg, cfg.outer_regularized, support)
     grads = torch.autograd.grad(loss, [wrt[n] for n in learnable], allow_unused=True)
     meta = {
-        name: torch.zeros_like(params[name]) if grad is None else grad.detach()
+        name: torch.zeros_like(params[name])
+        if grad is None or (cfg.zero_head and name in HEAD)
+        else grad.detach()
         for name, grad in zip(learnable, grads, strict=True)
     }
     correct = accuracy(out.logits, query.y)

@@ -17,12 +17,14 @@ import torch
 from torch import Tensor
 
 from gating.meta.adapt import (
+    HEAD,
     Batch,
     MetaConfig,
     MetaStep,
     Params,
     accuracy,
     stages,
+    start_of_task,
     task_loss,
 )
 from gating.model import BACKBONE, GatedModel, LayerTrace, flops_ratio, group_of
@@ -47,6 +49,7 @@ def _stage(
 
 def adapt(model: GatedModel, params: Params, support: Batch, cfg: MetaConfig) -> Params:
     """The two-stage adaptation of ``gating.meta.adapt.adapt``, in ``torch.func`` form."""
+    params = start_of_task(params, cfg)
     for group, lr in stages(cfg):
         params = _stage(model, params, group, lr, support, cfg)
     return params
@@ -112,7 +115,12 @@ def meta_gradients_batched(
         correct = accuracy(logits[index], query_y[index])
         steps.append(
             MetaStep(
-                grads={name: grads[name][index] for name in learnable},
+                grads={
+                    name: torch.zeros_like(grads[name][index])
+                    if cfg.zero_head and name in HEAD
+                    else grads[name][index]
+                    for name in learnable
+                },
                 query_loss=float(losses[index]),
                 query_accuracy=correct,
                 flops_ratio=flops_ratio(model.spec, trace) if cfg.gating else 1.0,
