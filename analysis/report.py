@@ -63,6 +63,7 @@ COLUMNS = [
     ("seeds", "seeds"),
     ("accuracy", "accuracy"),
     ("paired_delta", "Δ accuracy vs reference (paired)"),
+    ("rounds_to_reference", "rounds to reference's accuracy"),
     ("flops_ratio", "flops_ratio"),
     ("macs", "MACs / image"),
     ("wall_seconds", "wall s"),
@@ -235,6 +236,45 @@ def add_paired_deltas(rows: list[Row], reference: str) -> None:
                 row.values["paired_tasks"] = float(np.mean([len(d) for d in per_seed]))
 
 
+def add_time_to_accuracy(rows: list[Row], reference: str) -> None:
+    """Rounds (and training seconds) until a row's evaluations first reach the reference
+    strategy's final accuracy of the same seed, mean over seeds; NaN when a seed never does.
+
+    Intermediate evaluations may use a sample of the target nodes (``federation.eval_nodes``)
+    and happen every ``eval_every`` rounds, so this is a resolution of ``eval_every`` rounds.
+    """
+    for protocol in {r.protocol for r in rows}:
+        members = [r for r in rows if r.protocol == protocol]
+        references = [r for r in members if r.runs[0].config["strategy.name"] == reference]
+        if len(references) != 1:
+            continue
+        target = {
+            run.config.get("seed"): float(run.summary["accuracy"])
+            for run in references[0].runs
+            if run.summary
+        }
+        for row in members:
+            reached = [
+                _time_to(run, target[seed])
+                for run in row.runs
+                if (seed := run.config.get("seed")) in target
+            ]
+            if reached:
+                rounds = [r for r, _ in reached]
+                seconds = [s for _, s in reached]
+                row.values["rounds_to_reference"] = float(np.mean(rounds))
+                row.values["seconds_to_reference"] = float(np.mean(seconds))
+
+
+def _time_to(run: Run, accuracy: float) -> tuple[float, float]:
+    elapsed = 0.0
+    for record in run.history:
+        elapsed += float(record.get("seconds", 0.0))
+        if record.get("accuracy") is not None and record["accuracy"] >= accuracy - 1e-12:
+            return float(record["round"]), elapsed
+    return math.nan, math.nan
+
+
 def _tasks_by_seed(row: Row) -> dict[Any, dict[str, float]]:
     """Per-task accuracies per seed; runs of one seed (merged rows) are averaged task by task."""
     collected: dict[Any, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -258,6 +298,8 @@ def _number(key: str, value: Any) -> str:
         return f"{value:.0f}"
     if key == "seconds_per_round":
         return f"{value:.2f}"
+    if key == "rounds_to_reference":
+        return "not reached" if math.isnan(value) else f"{value:.0f}"
     if key.startswith("accuracy") or key == "nearest_centroid_accuracy":
         return f"{value:.4f}"
     if key.startswith("paired_delta"):
@@ -336,6 +378,9 @@ def write_tables(
         "seed's accuracy (marked CI), the 95% interval over its target tasks.",
         f"Δ vs {reference}: mean over the shared target tasks of (accuracy - {reference}'s "
         "accuracy on the same task), same seed; `-` where per-task accuracies are missing.",
+        f"Rounds to reference's accuracy: the first evaluation round whose accuracy reaches "
+        f"{reference}'s final accuracy of the same seed (mean over seeds; intermediate "
+        "evaluations every eval_every rounds, possibly on a sample of the target nodes).",
         "MACs are multiply-adds per image (gates included); flops_ratio = realized / dense.",
     ]
     markdown = out / "report.md"
@@ -351,6 +396,8 @@ def write_tables(
         "paired_delta_ci95",
         "paired_delta_std",
         "paired_tasks",
+        "rounds_to_reference",
+        "seconds_to_reference",
     ]
     table = out / "report.csv"
     with table.open("w", newline="") as handle:
@@ -654,6 +701,7 @@ def report(roots: list[Path], out: Path, reference: str = StrategyName.fedmeta) 
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(runs)
     add_paired_deltas(rows, reference)
+    add_time_to_accuracy(rows, reference)
     failed = [run for run in runs if run.failure is not None]
     written = list(write_tables(rows, failed, out, roots, reference))
     if rows:

@@ -130,6 +130,11 @@ def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
     assert float(gated["macs"]) == pytest.approx(60_000)
     # Paired with fedmeta on the shared target tasks of the same seed: one seed gives the 95%
     # interval over tasks, two seeds the standard deviation of the per-seed mean differences.
+    # Time to accuracy: fedmeta reaches its own final accuracy at its last evaluation;
+    # ρ=0.3 (0.70) never reaches fedmeta's 0.80.
+    assert float(fedmeta["rounds_to_reference"]) == 4.0
+    assert float(fedmeta["seconds_to_reference"]) == pytest.approx(2.0)  # 4 rounds x 0.5 s
+    assert gated["rounds_to_reference"] == ""  # not reached (NaN, an empty CSV cell)
     seed0 = [-0.1, 0.0, -0.1]
     assert float(gated["paired_delta"]) == pytest.approx(np.mean(seed0))
     assert float(gated["paired_delta_ci95"]) == pytest.approx(
