@@ -11,7 +11,7 @@ discovery, checkpoints and results, which ``Strategy.start`` has no place for).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -178,10 +178,10 @@ class MetaLearningStrategy(Strategy):
             report = self.server_step.apply(updates, weights, server_round)
         except RoundFailed as error:
             raise RoundFailed(f"{error}; left out before it: {rejected or 'none'}") from error
-        if report.clipped:
+        if report.clipped:  # counted in the history; the details only in a debug log
             nodes = [valid[i].metadata.src_node_id for i in report.clipped]
             log(
-                INFO,
+                DEBUG,
                 "round %d: updates of nodes %s clipped to norm %.3g (norms %s)",
                 server_round,
                 nodes,
