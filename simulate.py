@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_HOME", str(Path(__file__).resolve().parent / ".flwr_home"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray will stop overriding CUDA_VISIBLE_DEVICES for actors without GPUs; take that behaviour now
-# (a CPU client ignores the GPU anyway), which also silences its FutureWarning on every start.
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -64,32 +62,43 @@ def gpu_resources(cfg: DictConfig) -> tuple[float, int]:
     """(GPU share per ClientApp actor, GPUs Ray may use), checked before Ray starts.
 
     By default a CUDA run shares one GPU among all the actors this machine runs (Ray packs
-    them by their CPU count) and lets Ray see every GPU; a CPU run asks for none.
+    them by their CPU count) and lets Ray see every GPU; a CPU run asks for none, and Ray hides
+    the GPUs from its actors (so ``device=auto`` is the CPU there, as asked).
     """
     import torch
 
     from gating.federated.settings import resolve_device
 
+    actors = max(1, int(cfg.ray.num_cpus // cfg.ray.client_cpus))
+    if cfg.ray.address:  # a cluster's nodes declared their own GPUs: nothing to check here
+        client_gpus = cfg.ray.client_gpus or 0.0
+        return float(client_gpus), int(cfg.ray.num_gpus or 0)
     device = resolve_device(cfg.device)  # refuses cuda where torch sees none, naming `device`
     visible = torch.cuda.device_count()
-    if device.type == "cuda" and device.index is not None and device.index >= visible:
+    if device.type == "cuda" and device.index is not None:
         raise ValueError(
-            f"config key device={cfg.device}: only {visible} CUDA device(s) are visible here"
+            f"config key device={cfg.device}: in a simulation Ray gives each ClientApp actor its "
+            "GPU, which it sees as cuda:0; use device=cuda (and CUDA_VISIBLE_DEVICES=N python "
+            "simulate.py ... to run on GPU N)"
         )
-    actors = max(1, int(cfg.ray.num_cpus // cfg.ray.client_cpus))
     client_gpus = cfg.ray.client_gpus
     if client_gpus is None:
         client_gpus = 1.0 / actors if device.type == "cuda" else 0.0
     num_gpus = cfg.ray.num_gpus if cfg.ray.num_gpus is not None else visible
-    if client_gpus > 0 and visible == 0 and not cfg.ray.address:
+    if client_gpus > 0 and visible == 0:
         raise ValueError(
             f"config key ray.client_gpus={client_gpus}: torch sees no GPU here; set it to 0 "
             "(or leave it unset) to run the clients on the CPU"
         )
-    if client_gpus > 0 and num_gpus == 0 and not cfg.ray.address:
+    if client_gpus > 0 and num_gpus == 0:
         raise ValueError(
             f"config key ray.num_gpus=0 with ray.client_gpus={client_gpus}: no actor could "
             "start; give Ray the GPUs (leave ray.num_gpus unset)"
+        )
+    if client_gpus == 0 and device.type == "cuda":
+        raise ValueError(
+            "config key ray.client_gpus=0 with device=cuda: Ray hides the GPUs from actors that "
+            "reserve none; give them a share (leave ray.client_gpus unset) or use device=cpu"
         )
     return float(client_gpus), int(num_gpus)
 
@@ -166,6 +175,10 @@ def quiet_start_up() -> None:
         flower.addFilter(_DropKnownDeprecation())
     for noisy in ("alembic", "mlflow"):  # Flower's link state sets up alembic, logging at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Ray announces a change of default we do not depend on (GPU-less actors see no GPU).
+    warnings.filterwarnings(
+        "ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", category=FutureWarning
+    )
     rounds = logging.getLogger("metagater.rounds")
     rounds.propagate = False
     rounds.setLevel(logging.INFO)

@@ -16,13 +16,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from conf.choices import TRAITS, StrategyName
-from conf.schema import settings_from_flat, to_flat
+from conf.schema import RUN_ONLY_KEYS, legacy_flat, settings_from_flat, to_flat
 from server.checkpoint import RunFolderError, check_run_folder
 from server.results import TASK_ACCURACY_FILE
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
 # Keys that never make two runs different configurations.
-NOT_A_SETTING = {"seed", "resume", "output.dir", "output.plots", "federation.timeout"}
+NOT_A_SETTING = RUN_ONLY_KEYS | {"seed"}
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _flat_config(path: Path) -> dict[str, Any]:
 
     walk(raw, "")
     # How a sweep scored the run (simulate.py's sweep.*) is not a setting of the run.
-    flat = {k: v for k, v in flat.items() if not k.startswith("sweep.")}
+    flat = legacy_flat({k: v for k, v in flat.items() if not k.startswith("sweep.")})
     try:
         return to_flat(settings_from_flat(flat))
     except (KeyError, ValueError):

@@ -32,9 +32,12 @@ from conf.choices import (
 from conf.validation import validate
 
 __all__ = [
+    "LEGACY_VALUES",
+    "RUN_ONLY_KEYS",
     "RunConfig",
     "SimulateConfig",
     "default_config",
+    "legacy_flat",
     "settings_from_flat",
     "to_flat",
     "validate",
@@ -184,13 +187,13 @@ class TrackingConfig:
     """Experiment tracking (server/tracking.py); the group file picks the backend."""
 
     backend: TrackingBackend = TrackingBackend.tensorboard
-    uri: str | None = None  # MLflow: default sqlite:///<cwd>/mlruns/mlflow.db
+    uri: str | None = None  # MLflow: default sqlite:///<run folder>/../mlruns/mlflow.db
     experiment: str = "MetaGater"  # MLflow experiment name
 
 
 @dataclass
 class OutputConfig:
-    dir: str = "outputs/flwr-run"  # where a ServerApp started by `flwr run` writes its results
+    dir: str = "outputs/{run_id}"  # where a ServerApp started by `flwr run` writes its results
     plots: bool = True
 
 
@@ -234,6 +237,40 @@ class SimulateConfig(RunConfig):
     """
 
     sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+#: Settings that say how a run is carried out, not what it computes: a resumed run may change
+#: them, and the report does not tell runs apart by them.
+RUN_ONLY_KEYS = frozenset(
+    {
+        "resume",
+        "output.dir",
+        "output.plots",
+        "federation.timeout",
+        "device",
+        "ray.num_cpus",
+        "ray.client_cpus",
+        "ray.address",
+        "ray.client_gpus",
+        "ray.num_gpus",
+        "tracking.backend",
+        "tracking.uri",
+        "tracking.experiment",
+    }
+)
+
+#: What a run written before a setting existed did, where that is not the setting's default
+#: now: the norm took batch statistics, the server trusted claims and norms.
+LEGACY_VALUES = {
+    "model.norm": "batch",
+    "robust.weighting": "claimed",
+    "robust.clip": "off",
+}
+
+
+def legacy_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config of an older run, with the settings it lacks as that run had them."""
+    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in flat}, **flat}
 
 
 def default_config() -> DictConfig:

@@ -76,6 +76,11 @@ CHECKS = (
     Check("adapt.backbone_lr", lambda c: c.adapt.backbone_lr >= 0, ">= 0"),
     Check("adapt.gate_lr", lambda c: c.adapt.gate_lr >= 0, ">= 0"),
     Check("adapt.inner_steps", lambda c: c.adapt.inner_steps >= 0, ">= 0"),
+    Check(
+        "adapt.zero_head",
+        lambda c: not c.adapt.zero_head or not TRAITS[StrategyName(c.strategy.name)].reads_local,
+        "false for the local-training strategies (fedavg, perfedavg learn their head)",
+    ),
     Check("meta.backbone_lr", lambda c: c.meta.backbone_lr > 0, "> 0"),
     Check("meta.gate_lr", lambda c: c.meta.gate_lr > 0, "> 0"),
     Check("local.steps", lambda c: c.local.steps >= 1, ">= 1"),

@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from conf.schema import legacy_flat
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.nodes import node_task
 from gating.federated.settings import (
@@ -147,11 +148,12 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
                 "(it holds config.yaml and checkpoint.pt)"
             )
     try:
-        cfg = OmegaConf.load(run_dir / CONFIG)
+        loaded = OmegaConf.load(run_dir / CONFIG)
     except Exception as error:  # a damaged YAML file
         raise ValueError(f"{run_dir / CONFIG} is not readable: {error}") from error
-    if not isinstance(cfg, DictConfig):
+    if not isinstance(loaded, DictConfig):
         raise ValueError(f"{run_dir / CONFIG} is not a run configuration")
+    cfg = typed_config(loaded, run_dir / CONFIG)
     try:  # weights_only: a checkpoint that carries code is refused, not run
         state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
         params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
@@ -161,6 +163,16 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
             f"{run_dir / CHECKPOINT} is not a readable checkpoint of this project: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
+
+
+def typed_config(loaded: DictConfig, path: Path) -> DictConfig:
+    """The run's settings typed by the schema (enums, not strings), as the run had them."""
+    from conf.schema import settings_from_flat, to_flat
+
+    try:
+        return settings_from_flat(legacy_flat(to_flat(loaded)))
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path} does not fit this version's configuration: {error}") from error
 
 
 def reported_accuracy(run_dir: Path, partition: int) -> float | None:

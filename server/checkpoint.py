@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from conf.schema import RUN_ONLY_KEYS, default_config, legacy_flat, to_flat
 from server.results import json_safe
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -31,21 +32,7 @@ RESULT_FILES = (
     "task_accuracy.json",
 )
 #: Settings a resumed run may change.
-RESUMABLE_CHANGES = {
-    "resume",
-    "federation.rounds",
-    "federation.timeout",
-    "output.dir",
-    "output.plots",
-    "device",
-    "ray.client_gpus",
-    "ray.num_gpus",
-    "ray.num_cpus",
-    "ray.client_cpus",
-    "ray.address",
-    "tracking.backend",
-    "tracking.uri",
-}
+RESUMABLE_CHANGES = RUN_ONLY_KEYS | {"federation.rounds"}
 
 
 class RunFolderError(RuntimeError):
@@ -57,7 +44,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except OSError as error:  # a full disk: the previous checkpoint is still in place
+    except (OSError, RuntimeError) as error:  # a full disk: the last checkpoint stays in place
         tmp.unlink(missing_ok=True)
         raise RunFolderError(f"cannot write the checkpoint {path}: {error}") from error
 
@@ -82,10 +69,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """A run resumes only under the configuration it was started with (the settings of
     :data:`RESUMABLE_CHANGES` aside). A setting added since the checkpoint was written counts
-    as its default there (the run could not have used anything else)."""
-    from conf.schema import default_config, to_flat
-
-    saved = {**to_flat(default_config()), **saved}
+    as what runs then did (``conf.schema.LEGACY_VALUES``), else its default."""
+    saved = {**to_flat(default_config()), **legacy_flat(dict(saved))}
     changed = sorted(
         key
         for key in set(saved) | set(current)

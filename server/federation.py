@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -37,6 +38,7 @@ from gating.federated.updates import expected_examples
 from gating.model import dense_macs
 from server.checkpoint import (
     CHECKPOINT_NAME,
+    HISTORY_LINES,
     append_history,
     check_run_folder,
     read_history,
@@ -47,6 +49,7 @@ from server.progress import RoundReporter
 from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
 from server.strategy import MetaLearningStrategy
 from server.tracking import make_tracker
+from server.validation import node_problem
 
 
 class FederationError(RuntimeError):
@@ -119,28 +122,49 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         for node in node_ids
     ]
     roster = Roster(train={}, target={}, channels=0, image_size=0)
-    shapes = set()
-    for reply in exchange(grid, messages, cfg.federation.timeout):
+    replies = sorted(
+        exchange(grid, messages, cfg.federation.timeout), key=lambda m: m.metadata.src_node_id
+    )
+    usable = []
+    for reply in replies:
+        if problem := node_problem(reply):
+            log(WARNING, "node %d left out: %s", reply.metadata.src_node_id, problem)
+        else:
+            usable.append(reply)
+    shape_of = {
+        m.metadata.src_node_id: (
+            int(m.content[METRICS]["channels"]),
+            int(m.content[METRICS]["image-size"]),
+        )
+        for m in usable
+    }
+    if not shape_of:
+        raise FederationError("no node could take part (see the reasons above)")
+    shape = Counter(shape_of.values()).most_common(1)[0][0]
+    for reply in usable:
         node = reply.metadata.src_node_id
-        if reply.has_error():
-            log(
-                WARNING,
-                "node %d left out: it could not set up its task: %s",
-                node,
-                reply.error.reason,
-            )
-            continue
-        info, metrics = reply.content[NODE], reply.content[METRICS]
+        info = reply.content[NODE]
         role, partition = str(info["role"]), int(info[PARTITION_KEY])
         members = roster.train if role == "train" else roster.target
-        if partition in members:
-            raise FederationError(f"two nodes claim {role} partition {partition}")
-        members[partition] = node
-        shapes.add((int(metrics["channels"]), int(metrics["image-size"])))
-    if len(shapes) > 1:
-        raise FederationError(
-            f"nodes disagree on the image shape (channels, size): {sorted(shapes)}"
-        )
+        if shape_of[node] != shape:
+            log(
+                WARNING,
+                "node %d left out: its images are %s, most nodes' %s (channels, size)",
+                node,
+                shape_of[node],
+                shape,
+            )
+        elif partition in members:
+            log(
+                WARNING,
+                "node %d left out: node %d already is %s partition %d",
+                node,
+                members[partition],
+                role,
+                partition,
+            )
+        else:
+            members[partition] = node
     if len(roster.train) < cfg.federation.clients_per_round:
         raise FederationError(
             f"{len(roster.train)} training nodes answered, federation.clients_per_round is "
@@ -148,7 +172,7 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         )
     if not roster.target:
         raise FederationError("no target node answered: nothing to evaluate fast adaptation on")
-    roster.channels, roster.image_size = shapes.pop()
+    roster.channels, roster.image_size = shape
     log(
         INFO,
         "federation: %d training nodes, %d target nodes, images %dx%dx%d",
@@ -229,6 +253,8 @@ class FederatedRun:
                 raise FederationError(
                     f"{self.checkpoint} does not fit this run: {error}"
                 ) from error
+            if "history" in saved and not (out_dir / HISTORY_LINES).exists():
+                rewrite_history(out_dir, saved["history"])  # an earlier version kept it inside
             self.history = read_history(out_dir, saved["round"])
             rewrite_history(out_dir, self.history)
             self.first_round = saved["round"] + 1

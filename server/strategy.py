@@ -30,7 +30,7 @@ from gating.federated.protocol import (
     TRAIN_METRICS,
     UPDATE,
 )
-from gating.federated.round import NodeSampler
+from gating.federated.round import NodeSampler, bounded_weight
 from gating.federated.server_step import ServerStep
 from server.validation import RoundFailed, train_metrics_problem, update_problem
 
@@ -201,17 +201,16 @@ class MetaLearningStrategy(Strategy):
                 "bytes-up": float(np.mean([m.content[UPDATE].count_bytes() for m in valid])),
             }
         )
-        for key in TRAIN_METRICS:
-            values = [float(m.content[METRICS][key]) for m in valid if key in m.content[METRICS]]
-            if len(values) == len(valid):
-                metrics[key] = float(np.dot(share, values))
+        for key in TRAIN_METRICS:  # every usable reply has them (train_metrics_problem)
+            metrics[key] = float(np.dot(share, [float(m.content[METRICS][key]) for m in valid]))
         return arrays, metrics
 
     def _weight(self, server_round: int, msg: Message) -> float:
         """The reply's claimed example count, bounded by what its task holds (if known)."""
         claimed = float(msg.content[METRICS][NUM_EXAMPLES])
-        if self.expected_examples is None or claimed <= self.expected_examples:
-            return claimed
+        weight = bounded_weight(claimed, self.expected_examples)
+        if weight == claimed:
+            return weight
         log(
             WARNING,
             "round %d: node %d claims %g examples, its task holds %g: counted as %g",
@@ -221,7 +220,7 @@ class MetaLearningStrategy(Strategy):
             self.expected_examples,
             self.expected_examples,
         )
-        return self.expected_examples
+        return weight
 
     # --------------------------------------------------------------- evaluate
     def configure_evaluate(
@@ -234,7 +233,7 @@ class MetaLearningStrategy(Strategy):
     ) -> Iterable[Message]:
         partitions = self._online(self.target_nodes, grid)
         if not everyone:
-            partitions = self.sampler.evaluate(partitions, self.eval_nodes)
+            partitions = self.sampler.evaluate(partitions, self.eval_nodes, server_round)
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [
             Message(record, dst_node_id=self.target_nodes[p], message_type=MessageType.EVALUATE)

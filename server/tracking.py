@@ -3,11 +3,12 @@
 ``tracking.backend=tensorboard`` (the default) writes event files into the run folder's
 ``tensorboard/``, so ``tensorboard --logdir outputs`` (or a sweep folder) shows every run side by
 side; ``mlflow`` logs into a local MLflow store (``tracking.uri``, default a SQLite file in
-``mlruns/`` of the working directory, artifacts beside it: offline, ``mlflow ui
---backend-store-uri sqlite:///mlruns/mlflow.db`` browses it), one MLflow run per run folder; a
-resumed run continues its MLflow run. What is logged: every round's training metrics, the
-target-node metrics on evaluation rounds, the resolved configuration as parameters, the final
-summary, and the plots (and history/summary files) as artifacts.
+``mlruns/`` beside the run folder, so a sweep's jobs share one store, artifacts next to it:
+offline, ``mlflow ui --backend-store-uri sqlite:///<that folder>/mlflow.db`` browses it), one
+MLflow run per run folder; a resumed run continues its MLflow run. What is logged: every
+round's training metrics, the target-node metrics on evaluation rounds, the resolved
+configuration as parameters, the final summary, and the plots (and history/summary files) as
+artifacts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from typing import Any
 from conf.choices import TrackingBackend
 
 SKIPPED = {"round"}
+#: Per-round figures of the run itself, not of the target nodes.
+RUN_KEYS = {
+    "seconds",
+    "evaluation_seconds",
+    "bytes_per_client",
+    "replies",
+    "clipped",
+    "update_norm",
+    "reg_weight",
+    "epsilon",
+}
 
 
 def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
@@ -35,7 +47,7 @@ def _tag(key: str) -> str:
     """``train_loss`` -> ``train/loss``; target-node figures under ``target/``."""
     if key.startswith("train_"):
         return f"train/{key.removeprefix('train_')}"
-    if key in ("seconds", "evaluation_seconds", "bytes_per_client", "replies", "clipped"):
+    if key in RUN_KEYS:
         return f"run/{key}"
     return f"target/{key}"
 
@@ -96,8 +108,8 @@ class MlflowTracker(Tracker):
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.mlflow = mlflow
-        if not uri:
-            store = Path("mlruns").resolve()
+        if not uri:  # beside the run folder: a sweep's jobs, or a day's runs, share one store
+            store = folder.resolve().parent / "mlruns"
             store.mkdir(parents=True, exist_ok=True)
             uri = f"sqlite:///{store / 'mlflow.db'}"
         mlflow.set_tracking_uri(uri)

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Message
 
-from gating.federated.protocol import METRICS, NUM_EXAMPLES, UPDATE
+from gating.federated.protocol import METRICS, NODE, NUM_EXAMPLES, PARTITION_KEY, UPDATE
 from gating.federated.server_step import RoundFailed
 
-__all__ = ["RoundFailed", "train_metrics_problem", "update_problem"]
+__all__ = ["RoundFailed", "node_problem", "train_metrics_problem", "update_problem"]
 
 #: What a training reply may report besides its example count, and the plausible range.
 TRAIN_METRIC_RANGES = {
@@ -61,9 +61,33 @@ def train_metrics_problem(msg: Message) -> str | None:
     for key, (low, high) in TRAIN_METRIC_RANGES.items():
         value = metrics.get(key)
         if value is None:
-            continue
+            return f"no {key} in its metrics"
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"{key} is {value!r}, not a number"
         if not math.isfinite(value) or not low <= value <= high:
             return f"{key}={value} is outside [{low}, {high}]"
+    return None
+
+
+#: What a node may report about its data: anything else is a broken or lying node.
+MAX_CHANNELS, MAX_IMAGE_SIZE = 16, 1024
+
+
+def node_problem(msg: Message) -> str | None:
+    """Why a discovery reply (who a node is, its data's shape) cannot be used, or None."""
+    if msg.has_error():
+        return f"it could not set up its task: {msg.error.reason}"
+    content = msg.content
+    if NODE not in content.config_records or METRICS not in content.metric_records:
+        return f"its reply lacks the {NODE!r} or {METRICS!r} record"
+    info, metrics = content.config_records[NODE], content.metric_records[METRICS]
+    if info.get("role") not in ("train", "target"):
+        return f"role {info.get('role')!r} is neither train nor target"
+    partition = info.get(PARTITION_KEY)
+    if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+        return f"{PARTITION_KEY} {partition!r} is not a non-negative integer"
+    for key, top in (("channels", MAX_CHANNELS), ("image-size", MAX_IMAGE_SIZE)):
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            return f"{key} {value!r} is not an integer in [1, {top}]"
     return None

@@ -7,15 +7,24 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
-from gating.federated.protocol import METRICS, NUM_EXAMPLES, UPDATE
+from gating.federated.protocol import METRICS, NODE, NUM_EXAMPLES, UPDATE
 from gating.federated.server_step import ServerStep
 from gating.stats import mean_ci95
 from server.strategy import MetaLearningStrategy
-from server.validation import RoundFailed
+from server.validation import RoundFailed, node_problem
 
 PARAMS = {
     "backbone.w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]),
@@ -265,3 +274,52 @@ def test_nodes_no_longer_connected_are_not_sampled(caplog):
     grid = ConnectedNodes([101, 102, 103, 105])
     evaluated = strategy.configure_evaluate(1, strategy.arrays(), ConfigRecord({}), grid)
     assert [m.metadata.dst_node_id for m in evaluated] == [105]
+
+
+def test_a_reply_without_its_measurements_is_left_out():
+    strategy = make_strategy(min_train_replies=3)
+    messages = sent(strategy)
+    replies = [reply(m, random_grads(i), 5, i) for i, m in enumerate(messages)]
+    del replies[1].content[METRICS]["query-loss"]
+    with pytest.raises(RoundFailed, match="no query-loss in its metrics"):
+        strategy.aggregate_train(1, replies)
+
+
+def test_evaluation_samples_do_not_move_the_training_sampler():
+    a, b = make_strategy(clients_per_round=2, eval_nodes=1), make_strategy(clients_per_round=2)
+    picks = []
+    for strategy in (a, b):
+        rounds = []
+        for r in range(1, 6):
+            rounds.append(sorted(m.metadata.dst_node_id for m in sent(strategy, r)))
+            if strategy is a:  # a evaluates one sampled target node every round, b never
+                evaluated = strategy.configure_evaluate(
+                    r, strategy.arrays(), ConfigRecord({}), grid=None, everyone=False
+                )
+                assert len(list(evaluated)) == 1
+        picks.append(rounds)
+    assert picks[0] == picks[1]
+
+
+def discovery_reply(to: Message, **changes) -> Message:
+    info = {"role": "train", "partition-id": 3, **changes.pop("info", {})}
+    metrics = {NUM_EXAMPLES: 10, "channels": 1, "image-size": 8, **changes}
+    return Message(
+        RecordDict({NODE: ConfigRecord(info), METRICS: MetricRecord(metrics)}), reply_to=to
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"info": {"role": "admin"}}, "role"),
+        ({"info": {"partition-id": -1}}, "partition-id"),
+        ({"channels": 10_000}, "channels"),
+        ({"image-size": float("inf")}, "image-size"),
+    ],
+)
+def test_a_node_that_misreports_itself_is_left_out_of_the_federation(change, says):
+    query = Message(RecordDict({}), dst_node_id=101, message_type=MessageType.QUERY)
+    assert node_problem(discovery_reply(query)) is None
+    problem = node_problem(discovery_reply(query, **change))
+    assert problem is not None and says in problem

@@ -63,7 +63,7 @@ def test_tensorboard_records_every_round_and_the_summary(tmp_path):
 
 
 def test_mlflow_records_every_round_params_and_resumes_the_same_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the default store is ./mlruns
+    monkeypatch.chdir(tmp_path)  # the default store is beside the run folder: tmp_path/mlruns
     run_folder = tmp_path / "run"
     run_folder.mkdir()
     tracker = make_tracker("mlflow", run_folder, CONFIG)

@@ -14,9 +14,19 @@ import torch
 from omegaconf import OmegaConf
 
 from analysis.report import report
-from conf.schema import default_config, validate
+from conf.choices import GateCost, NormKind
+from conf.schema import LEGACY_VALUES, default_config, to_flat, validate
 from gating.export import main as export_main
-from server.checkpoint import RunFolderError, check_run_folder, load_checkpoint, save_checkpoint
+from gating.export import typed_config
+from gating.federated.settings import meta_config
+from gating.meta import MetaConfig
+from server.checkpoint import (
+    RunFolderError,
+    check_resumable,
+    check_run_folder,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tests.test_report import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +197,30 @@ def test_the_report_names_a_damaged_run_and_reports_the_rest(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "`1`: summary.json is damaged" in text  # named, with the reason
     assert "0.8000" in text  # and the healthy run is reported
+
+
+def test_a_checkpoint_of_an_earlier_version_cannot_resume_under_another_algorithm():
+    """Runs from before model.norm existed used batch statistics and trusted claims: resuming
+    them under today's defaults would change the algorithm mid-run, so it is refused by name."""
+    current = to_flat(default_config())
+    old = {k: v for k, v in current.items() if not k.startswith(("model.norm", "robust."))}
+    with pytest.raises(RunFolderError, match=r"model\.norm: 'batch' -> 'metabn'"):
+        check_resumable(old, current)
+    check_resumable(old, {**current, **LEGACY_VALUES})  # as it was run: fine
+
+
+def test_settings_a_strategy_cannot_use_are_refused():
+    cfg = default_config()
+    cfg.strategy.name, cfg.gating.enabled = "fedavg", False
+    cfg.adapt.zero_head = True
+    with pytest.raises(ValueError, match=r"adapt\.zero_head"):
+        validate(cfg)
+
+
+def test_a_run_folders_settings_are_read_typed_for_export(tmp_path):
+    cfg = default_config()
+    cfg.model.norm = "batch"
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    typed = typed_config(OmegaConf.load(tmp_path / "config.yaml"), tmp_path / "config.yaml")
+    assert meta_config(typed, 0.0).norm is NormKind.batch
+    assert MetaConfig(norm="batch", cost="deployed").cost is GateCost.deployed

@@ -4,20 +4,21 @@
 Here each input runs its gate first (deterministic ``logit > 0``, as ``GateMode.EVAL``) and the
 conv then uses only ``weight[open_out][:, open_in]``; norm, ReLU and pooling touch only the open
 channels, and the head only the features of the last layer's open channels. This is the
-deployment form of an adapted model: :meth:`SlicedGatedNet.save` writes one torch file (the spec
-as a dict plus the parameters), :meth:`SlicedGatedNet.load` reads it back.
+deployment form of an adapted model (:mod:`gating.deploy.model_file` writes and reads it).
 
-Exactness. ``BatchStatNorm`` normalises each channel on its own; at batch size 1 its statistics
-are the sample's own mean and variance over (H, W), so dropping a closed channel changes no other
-channel. The conv bias is a per-channel constant that the norm's mean subtraction removes, so it
-is left out. ReLU and max-pooling commute (both monotone), so ReLU runs after the pool. The
-outputs equal the masked dense network's to float rounding (tests/test_sliced.py).
+Exactness. The norm treats each channel on its own, so dropping a closed channel changes no
+other channel. With the node's frozen support statistics (``model.norm=metabn``) the norm and
+the conv bias are one per-channel affine map (:func:`norm_affine`); with each input's own
+statistics (``batch`` at batch size 1) the bias is a per-channel constant that the mean
+subtraction removes, so it is left out. ReLU and max-pooling commute with a monotone map, so
+pooling runs on the raw conv output. The outputs equal the masked dense network's with the same
+statistics to float rounding (tests/test_sliced.py).
 
 Two backends compute the same thing: ``native`` (default where it builds), the C++ engine of
 :mod:`gating.deploy.native`, and ``torch``, the same algorithm in PyTorch ops (``index_select``
 of packed per-channel rows, ``conv2d``, ``group_norm`` with one group per channel, strided
 max-pool): the fallback without a compiler, and a second independent implementation for the
-tests. :mod:`gating.deploy.model_file` writes and reads the deployment file.
+tests.
 
 A ``SlicedGatedNet`` runs one input at a time and keeps its work buffers between calls; calls on
 one instance are serialized by a lock (use one instance per thread for parallel inference).
@@ -283,7 +284,7 @@ class SlicedGatedNet:
 
     # ------------------------------------------------------------------ accounting
     def macs(self, opened: list[np.ndarray]) -> int:
-        """MACs of one input with these open channels, counted as gating/macs.py does:
+        """MACs of one input with these open channels, counted as gating/model/macs.py does:
         ``k*k*H_out*W_out*active_in*active_out`` per conv, active features x classes for the
         head, plus the gate MLPs in full."""
         costs = layer_costs(self.spec)

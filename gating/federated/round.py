@@ -38,20 +38,25 @@ from gating.model import BACKBONE, GATE
 
 class NodeSampler:
     """Seeded sampling over sorted partition ids, so a resumed run (whose Flower node ids are
-    new) samples the same nodes as an uninterrupted one."""
+    new) samples the same nodes as an uninterrupted one. Training draws from one stream kept
+    across rounds (its state is checkpointed); the target nodes of an intermediate evaluation
+    are a function of (seed, round) alone, so how often and how widely a run evaluates never
+    changes which nodes train."""
 
     def __init__(self, seed: int) -> None:
+        self.seed = seed
         self.rng = random.Random(seed)
 
     def train(self, partitions: Sequence[int], count: int) -> list[int]:
         """``count`` (or all, if fewer) of ``partitions``, in sampling order."""
         return self.rng.sample(sorted(partitions), min(count, len(partitions)))
 
-    def evaluate(self, partitions: Sequence[int], count: int) -> list[int]:
+    def evaluate(self, partitions: Sequence[int], count: int, server_round: int) -> list[int]:
         """``count`` of ``partitions``, sorted; all of them when ``count`` is 0 or too large."""
         partitions = sorted(partitions)
         if 0 < count < len(partitions):
-            return sorted(self.rng.sample(partitions, count))
+            draw = random.Random(f"evaluate/{self.seed}/{server_round}")
+            return sorted(draw.sample(partitions, count))
         return partitions
 
     def getstate(self) -> Any:
@@ -85,12 +90,10 @@ def server_step_for(cfg: DictConfig, params: Params) -> ServerStep:
     )
 
 
-def reply_weight(cfg: DictConfig, claimed: float) -> float:
-    """A reply's weight in the mean: the client's claim, bounded by what the server knows the
-    node's task holds (``robust.weighting=expected``), or the bare claim (``claimed``)."""
-    if cfg.robust.weighting is Weighting.claimed:
-        return claimed
-    return min(claimed, float(expected_examples(cfg)))
+def bounded_weight(claimed: float, expected: float | None) -> float:
+    """A reply's weight in the mean: the client's claimed example count, bounded by what the
+    server knows the node's task holds (None: the bare claim, ``robust.weighting=claimed``)."""
+    return claimed if expected is None else min(claimed, expected)
 
 
 @dataclass
@@ -133,7 +136,11 @@ class BareFederation:
             seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         order = sorted(range(len(partitions)), key=partitions.__getitem__)
-        self.step.apply([updates[i].update for i in order], [updates[i].examples for i in order])
+        expected = expected_examples(self.cfg)
+        if self.cfg.robust.weighting is Weighting.claimed:
+            expected = None
+        weights = [bounded_weight(updates[i].examples, expected) for i in order]
+        self.step.apply([updates[i].update for i in order], weights, server_round)
         return BareRound(partitions, updates, seconds, time.perf_counter() - start)
 
     def train(self, rounds: int, log: Callable[[int, BareRound], None] | None = None) -> Params:

@@ -61,6 +61,17 @@ class MetaConfig:
     # no head initialization suits every task; first order cannot meta-learn one anyway.
     zero_head: bool = False
 
+    def __post_init__(self) -> None:
+        """Plain strings (e.g. from an untyped config) become the enums the code compares."""
+        for name, kind in (
+            ("order", AdaptOrder),
+            ("reg_where", RegularizerWhere),
+            ("train_gates", TrainGates),
+            ("norm", NormKind),
+            ("cost", GateCost),
+        ):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
     @property
     def train_mode(self) -> GateMode:
         return GateMode(self.train_gates) if self.gating else GateMode.OFF
