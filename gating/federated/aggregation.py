@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 
 from conf.choices import Aggregation, Clipping
@@ -100,6 +99,8 @@ def _coordinatewise(updates: Sequence[Mapping[str, Tensor]], name: str, rule: Ag
     if rule.aggregation is Aggregation.median:
         # The mean of the two middle values for an even count, as numpy's median.
         return torch.from_numpy(np.median(stacked.numpy(), axis=0)).to(stacked.dtype)
+    from scipy import stats  # only the server aggregates: clients never import scipy
+
     trimmed = stats.trim_mean(stacked.numpy(), rule.trim_fraction, axis=0)
     return torch.from_numpy(np.asarray(trimmed)).to(stacked.dtype)
 
