@@ -117,7 +117,9 @@ def test_batched_episodes_compute_the_loops_update():
 def test_meta_gradients_on_cuda_equal_the_cpu_ones(digits_episodes, tiny_model):
     support, query = digits_episodes[0]
     model, params = tiny_model()
-    cfg = MetaConfig(backbone_lr=0.3, gate_lr=0.3, reg_weight=0.5, target_ratio=0.3)
+    cfg = MetaConfig(
+        backbone_lr=0.3, gate_lr=0.3, reg_weight=0.5, target_ratio=0.3, cost="expected"
+    )
     cfg = replace(cfg, train_gates="soft")
     # the same noise on both devices: uniform values from the CPU generator
     noise = torch.Generator().manual_seed(0)

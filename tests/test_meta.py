@@ -23,10 +23,22 @@ def task(digits_episodes):
 
 CONFIGS = {
     "backbone_first": MetaConfig(
-        order="backbone_first", backbone_lr=0.3, gate_lr=0.7, reg_weight=0.5, target_ratio=0.3
+        order="backbone_first",
+        backbone_lr=0.3,
+        gate_lr=0.7,
+        reg_weight=0.5,
+        target_ratio=0.3,
+        train_gates="hard",
+        cost="expected",
     ),
     "gate_first": MetaConfig(
-        order="gate_first", backbone_lr=0.3, gate_lr=0.7, reg_weight=0.5, target_ratio=0.3
+        order="gate_first",
+        backbone_lr=0.3,
+        gate_lr=0.7,
+        reg_weight=0.5,
+        target_ratio=0.3,
+        train_gates="hard",
+        cost="expected",
     ),
 }
 

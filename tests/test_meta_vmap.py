@@ -23,7 +23,15 @@ def fixed_noise(like: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return (index * 0.6180339887 + 0.1) % 1.0 * 0.98 + 0.01
 
 
-BASE = MetaConfig(backbone_lr=0.3, gate_lr=0.7, reg_weight=0.5, target_ratio=0.3)
+# hard gates and the expected-cost regularizer: the straight-through paths under test
+BASE = MetaConfig(
+    backbone_lr=0.3,
+    gate_lr=0.7,
+    reg_weight=0.5,
+    target_ratio=0.3,
+    train_gates="hard",
+    cost="expected",
+)
 CASES = {
     "second_order": BASE,
     "first_order": replace(BASE, first_order=True),

@@ -3,7 +3,8 @@ have been; without them the damage shows (both asserted on the same seed and tar
 
 The lie: a claim of 1e9 examples and the update's sign flipped at a million times its norm.
 Bounded claims and norm clipping (the defaults) stop the claim and the size; the flipped
-direction needs a robust rule (trimmed mean), which the defended and the clean run both use.
+direction needs a robust rule (the coordinate-wise median), which the defended and the clean run
+both use.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ RUN = [
     "task.queries=10",
     "output.plots=false",
 ]
-TRIMMED = ["robust.aggregation=trimmed_mean", "robust.trim_fraction=0.2"]
+ROBUST = ["robust.aggregation=median"]
 UNDEFENDED = ["robust.weighting=claimed", "robust.clip=off"]
 
 
@@ -52,13 +53,13 @@ def run(tmp_path: Path, env: dict[str, str], name: str, *overrides: str, poison:
 
 @pytest.mark.ray
 def test_one_poisoning_client_with_and_without_defences(tmp_path, subprocess_env):
-    clean = run(tmp_path, subprocess_env, "clean", *TRIMMED, poison=False)["summary"]
-    defended = run(tmp_path, subprocess_env, "defended", *TRIMMED, poison=True)
+    clean = run(tmp_path, subprocess_env, "clean", *ROBUST, poison=False)["summary"]
+    defended = run(tmp_path, subprocess_env, "defended", *ROBUST, poison=True)
     undefended = run(tmp_path, subprocess_env, "undefended", *UNDEFENDED, poison=True)
 
     # The lie is seen, bounded and logged: its claim counts as the task's size.
     assert "claims 1e+09 examples, its task holds 50: counted as 50" in defended["log"]
-    assert clean["accuracy"] > 0.6  # a model worth defending
+    assert clean["accuracy"] > 0.5  # a model worth defending (chance: 0.2)
     assert abs(defended["summary"]["accuracy"] - clean["accuracy"]) <= 0.02
     # Trusting the claim and the norm: one node of ten steers every round it is sampled in.
     assert undefended["summary"]["accuracy"] < clean["accuracy"] - 0.2

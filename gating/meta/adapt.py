@@ -54,9 +54,9 @@ class MetaConfig:
     reg_weight: float = 0.0  # lambda for this round (the server applies the warm-up)
     reg_where: RegularizerWhere = RegularizerWhere.both
     temperature: float = 2 / 3
-    train_gates: TrainGates = TrainGates.hard  # during adaptation and the query loss
+    train_gates: TrainGates = TrainGates.soft  # during adaptation and the query loss
     norm: NormKind = NormKind.metabn  # where query predictions take norm statistics from
-    cost: GateCost = GateCost.expected  # the MAC ratio the regularizer holds to ρ
+    cost: GateCost = GateCost.deployed  # the MAC ratio the regularizer holds to ρ
     # Every task starts from a zero head: labels are node-local, in a node-specific order, so
     # no head initialization suits every task; first order cannot meta-learn one anyway.
     zero_head: bool = False
