@@ -11,8 +11,9 @@ Flower side: ``simulate.simulate(cfg, out_dir)`` in this process, unchanged (Ray
 ClientApps, the ServerApp runs ``server.federation.run_federation``). Its grid is wrapped so
 that right before each training round's messages go out, the *bare loop* runs the same round
 here, while the actors are idle: the two are interleaved round by round and see the same
-background load. A Flower round's time is ``history.json``'s ``seconds`` minus the bare round
-that ran inside it.
+background load. A Flower round's time is from its training messages' push to the next round's
+(so it includes everything the server does between rounds: aggregation, checkpoint, history,
+tracking, progress) minus the bare round that ran inside it.
 
 Bare side: ``gating.federated.round.BareFederation``, the round the ClientApp and the strategy
 run, called directly: the strategy's ``NodeSampler``, ``client_update`` for each sampled node,
@@ -137,6 +138,7 @@ class Interleaving:
     launched: float
     nice: int = RAY_WORKER_NICENESS
     first_round_at: float | None = None
+    pushed_at: dict[int, float] = field(default_factory=dict)  # a training round's push, entry
     bare_rounds: dict[int, BareTiming] = field(default_factory=dict)
     bare_seconds: dict[int, float] = field(default_factory=dict)
     exchange_seconds: dict[int, float] = field(default_factory=dict)
@@ -191,8 +193,9 @@ class InterleavedGrid:
         kind = messages[0].metadata.message_type if messages else None
         if kind == MessageType.TRAIN:
             server_round = int(messages[0].content[CONFIG][ROUND_KEY])
+            self._log.pushed_at[server_round] = time.perf_counter()
             if self._log.first_round_at is None:
-                self._log.first_round_at = time.perf_counter()
+                self._log.first_round_at = self._log.pushed_at[server_round]
             self._log.run_bare(server_round)
             self._pending = (server_round, len(messages), time.perf_counter(), [])
         return self._grid.push_messages(messages)
@@ -244,8 +247,8 @@ class Phase:
 
     @property
     def server(self) -> list[float]:
-        """The round outside send_and_receive: config encoding, sampling, aggregation and the
-        Adam steps, checkpoint and history written every round."""
+        """The round outside send_and_receive: config encoding, sampling, checks, aggregation
+        and the Adam steps, checkpoint, history, tracking and progress, every round."""
         return [f - e for f, e in zip(self.flower, self.exchange, strict=True)]
 
     @property
@@ -289,7 +292,11 @@ def run_phase(
 
     history = json.loads((out_dir / "history.json").read_text())
     steady = [h for h in history if warmup < h["round"] < cfg.federation.rounds]
-    flower = [h["seconds"] - log.bare_seconds[h["round"]] for h in steady]
+    # Push to next push: the whole round, the server's work after the exchange included.
+    flower = [
+        log.pushed_at[h["round"] + 1] - log.pushed_at[h["round"]] - log.bare_seconds[h["round"]]
+        for h in steady
+    ]
     rounds = [log.bare_rounds[h["round"]] for h in steady]
     saved = load_checkpoint(out_dir / CHECKPOINT_NAME)["strategy"]["params"]
     diff = max(float((saved[n] - bare.params[n]).abs().max()) for n in bare.params)
@@ -383,7 +390,7 @@ def main() -> None:
         print(" ".join(fmt.format(get(p)) for _, fmt, get in columns))
     print()
     print(
-        "flower s: a Flower round (history.json seconds minus the bare round run inside it);\n"
+        "flower s: a Flower round (push to next push, minus the bare round run inside it);\n"
         "bare s: the same round's bare work on as many ideal workers as Flower has actors\n"
         "  (1 actor: serial s, the single-process loop); flower/bare: median per-round ratio;\n"
         "server s: the round outside send_and_receive (encode, aggregate, checkpoint);\n"

@@ -32,7 +32,7 @@ from gating.federated.protocol import (
 )
 from gating.federated.round import NodeSampler, bounded_weight
 from gating.federated.server_step import ServerStep
-from server.validation import RoundFailed, train_metrics_problem, update_problem
+from server.validation import RoundFailed, read_update, train_metrics_problem
 
 
 class MetaLearningStrategy(Strategy):
@@ -144,14 +144,17 @@ class MetaLearningStrategy(Strategy):
         expected = self.server_step.expected_shapes()
         partition_of = {node: p for p, node in self.train_nodes.items()}
         valid: list[Message] = []
+        decoded: dict[int, dict[str, np.ndarray]] = {}  # by id(message): decoded once
         rejected: list[str] = []
         for msg in replies:
             node = msg.metadata.src_node_id
-            problem = update_problem(msg, expected) or train_metrics_problem(msg)
+            update = read_update(msg, expected)
+            problem = update if isinstance(update, str) else train_metrics_problem(msg)
             if problem is None and node not in partition_of:
                 problem = "it is not a training node of this run"
             if problem is None:
                 valid.append(msg)
+                decoded[id(msg)] = update
             else:
                 rejected.append(f"node {node}: {problem}")
                 log(
@@ -171,9 +174,7 @@ class MetaLearningStrategy(Strategy):
         # floating-point sum, and so a resumed run, reproducible.
         valid.sort(key=lambda m: partition_of[m.metadata.src_node_id])
         weights = [self._weight(server_round, m) for m in valid]
-        updates = [
-            {n: torch.from_numpy(m.content[UPDATE][n].numpy()) for n in expected} for m in valid
-        ]
+        updates = [{n: torch.from_numpy(a) for n, a in decoded[id(m)].items()} for m in valid]
         try:
             report = self.server_step.apply(updates, weights, server_round)
         except RoundFailed as error:

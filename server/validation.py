@@ -11,7 +11,7 @@ from flwr.app import Message
 from gating.federated.protocol import METRICS, NODE, NUM_EXAMPLES, PARTITION_KEY, UPDATE
 from gating.federated.server_step import RoundFailed
 
-__all__ = ["RoundFailed", "node_problem", "train_metrics_problem", "update_problem"]
+__all__ = ["RoundFailed", "node_problem", "read_update", "train_metrics_problem"]
 
 #: What a training reply may report besides its example count, and the plausible range.
 TRAIN_METRIC_RANGES = {
@@ -21,10 +21,14 @@ TRAIN_METRIC_RANGES = {
 }
 
 
-def update_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why this training reply is unusable, or None when it is fine.
+def read_update(
+    msg: Message, expected: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray] | str:
+    """The training reply's update as arrays, or why it is unusable.
 
-    ``expected`` maps every parameter name the reply must carry to its shape.
+    ``expected`` maps every parameter name the reply must carry to its shape. Each array is
+    decoded once, here (decoding parses a header per array: a large part of a small model's
+    server time), and the caller aggregates these very arrays.
     """
     if msg.has_error():
         return f"the client failed: {msg.error.reason}"
@@ -41,9 +45,10 @@ def update_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str
     extra = sorted(set(update) - set(expected))
     if missing or extra:
         return f"wrong tensors: missing {missing[:3]}, unexpected {extra[:3]}"
+    arrays: dict[str, np.ndarray] = {}
     for name, shape in expected.items():
         try:
-            array = update[name].numpy()
+            array = arrays[name] = update[name].numpy()
         except Exception as error:  # a corrupt payload is a bad reply, not a crash
             return f"{name}: unreadable array ({error})"
         if tuple(array.shape) != tuple(shape):
@@ -52,7 +57,7 @@ def update_problem(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> str
             return f"{name}: dtype {array.dtype}, expected a float type"
         if not np.isfinite(array).all():
             return f"{name}: non-finite values"
-    return None
+    return arrays
 
 
 def train_metrics_problem(msg: Message) -> str | None:
