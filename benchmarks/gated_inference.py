@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         log(
             f"node {e.partition}: query accuracy sliced {e.accuracy:.3f} = masked dense batch-1 "
             f"{e.masked_dense_accuracy:.3f} (max |dlogit| {e.max_logit_difference:.1e}); "
-            f"whole query set as one batch {e.batch_accuracy:.3f}"
+            f"transductive (whole query set as one batch) {e.transductive_accuracy:.3f}"
         )
 
     log("")

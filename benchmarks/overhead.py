@@ -405,8 +405,10 @@ def main() -> None:
     measured = by_name.get("1actor", phases[0])  # same parallelism on both sides
     default = by_name.get("2actors", phases[-1])  # the configuration users run
     extras = " ".join(f"flower_over_bare_{p.name}={p.ratio:.3f}" for p in phases)
+    diff = max(p.max_param_diff for p in phases)  # 0: both sides did the same work
     print(
-        f"RESULT flower_over_bare={measured.ratio:.3f} startup_s={default.startup_s:.1f} {extras}"
+        f"RESULT flower_over_bare={measured.ratio:.3f} startup_s={default.startup_s:.1f} {extras} "
+        f"max_param_diff={diff:.3g}"
     )
 
 

@@ -1,0 +1,67 @@
+"""The benchmark scripts run to their RESULT line on tiny settings, and what they check holds.
+
+Their figures are measurements for BENCHMARKS.md, not asserted here; what is asserted is what must
+be true on any machine: the sliced model classifies as the masked dense network does, the vmapped
+meta-gradient equals the loop's, and the bare loop did exactly Flower's work.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script: str, args: list[str], env: dict[str, str], timeout: int) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def result(stdout: str) -> dict[str, str]:
+    """The last line's ``RESULT key=value ...`` pairs."""
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT "), f"last line is not a RESULT line: {last!r}"
+    return dict(pair.split("=", 1) for pair in last.split()[1:])
+
+
+def test_gated_inference_slices_what_the_masked_network_computes(subprocess_env):
+    args = ["--steps", "3", "--nodes", "1", "--reps", "1", "--widths", ""]
+    out = run_benchmark("gated_inference.py", args, subprocess_env, timeout=600)
+    figures = result(out)
+    assert float(figures["speedup"]) > 0
+    assert 0 < float(figures["flops_ratio"]) <= 1.1
+    node = re.search(r"query accuracy sliced ([\d.]+) = masked dense batch-1 ([\d.]+)", out)
+    assert node is not None, out
+    assert node.group(1) == node.group(2)
+
+
+def test_metagrad_batched_equals_the_loop(subprocess_env):
+    args = ["--datasets", "digits", "--reps", "1", "--tasks", "2", "--sections", "variants"]
+    out = run_benchmark("metagrad.py", args, subprocess_env, timeout=600)
+    figures = result(out)
+    assert float(figures["so_over_fo"]) > 0 and math.isfinite(float(figures["peak_mb_so"]))
+    match = re.search(r"vmapped dense MAML against the loop: max relative difference (\S+)", out)
+    assert match is not None, out
+    assert float(match.group(1)) < 1e-3
+
+
+@pytest.mark.ray
+def test_overhead_bare_loop_does_flowers_work(subprocess_env):
+    args = ["--rounds", "4", "--warmup", "1", "--phases", "1actor"]
+    figures = result(run_benchmark("overhead.py", args, subprocess_env, timeout=900))
+    assert float(figures["flower_over_bare"]) > 0
+    assert float(figures["max_param_diff"]) == 0.0
