@@ -27,7 +27,6 @@ one instance are serialized by a lock (use one instance per thread for parallel 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,15 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gating.deploy.checks import Params, Statistics, check_params, checked_statistics
 from gating.deploy.native import NativeNet, native_library
-from gating.model import GatedConvNet, ModelSpec, dense_macs, gate_macs, layer_costs
+from gating.model import ModelSpec, dense_macs, gate_macs, layer_costs
 from gating.model.norm import EPS as NORM_EPS
 
 BACKENDS = ("auto", "native", "torch")
-
-Params = Mapping[str, Tensor]
-#: Per gated layer, each channel's frozen ``(mean, var)`` (see ``gating.model.norm``).
-Statistics = Sequence[tuple[Tensor, Tensor]]
 
 
 # --------------------------------------------------------------------------- torch backend
@@ -169,8 +165,8 @@ class SlicedGatedNet:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = spec
         self.params = {name: t.detach().to(torch.float32).clone() for name, t in params.items()}
-        _check_params(spec, self.params)
-        self.statistics = None if statistics is None else _checked_statistics(spec, statistics)
+        check_params(spec, self.params)
+        self.statistics = None if statistics is None else checked_statistics(spec, statistics)
         affine = (
             None if self.statistics is None else norm_affine(spec, self.params, self.statistics)
         )
@@ -299,35 +295,3 @@ class SlicedGatedNet:
     def flops_ratio(self, opened: list[np.ndarray]) -> float:
         """Realized MACs / dense backbone MACs for one input (the project's ``flops_ratio``)."""
         return self.macs(opened) / dense_macs(self.spec)
-
-
-def _check_params(spec: ModelSpec, params: Params) -> None:
-    """Names and shapes exactly as ``GatedConvNet(spec).named_parameters()``."""
-    expected = {n: tuple(t.shape) for n, t in GatedConvNet(spec).named_parameters()}
-    given = {n: tuple(t.shape) for n, t in params.items()}
-    missing = sorted(set(expected) - set(given))
-    unknown = sorted(set(given) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(given) if expected[n] != given[n])
-    if missing or unknown or wrong:
-        detail = "; ".join(
-            f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-            for what, names in (("missing", missing), ("unknown", unknown), ("shape", wrong))
-            if names
-        )
-        raise ValueError(f"parameters do not match the model spec {spec} ({detail})")
-
-
-def _checked_statistics(spec: ModelSpec, statistics: Statistics) -> list[tuple[Tensor, Tensor]]:
-    checked = [
-        (mean.detach().to(torch.float32).flatten(), var.detach().to(torch.float32).flatten())
-        for mean, var in statistics
-    ]
-    shapes = [(tuple(m.shape), tuple(v.shape)) for m, v in checked]
-    if len(checked) != spec.depth or any(s != ((spec.width,), (spec.width,)) for s in shapes):
-        raise ValueError(
-            f"statistics must be (mean, var) of {spec.width} channels for each of "
-            f"{spec.depth} layers, got shapes {shapes}"
-        )
-    if not all(torch.isfinite(m).all() and (v >= 0).all() for m, v in checked):
-        raise ValueError("statistics must be finite, with non-negative variances")
-    return checked

@@ -19,7 +19,6 @@ Only the ``torch`` backend exists here: the C++ engine (:mod:`gating.deploy.nati
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,16 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from conf.choices import ModelArch
-from gating.model import GatedResNet, ModelSpec, build_model, dense_macs, macs_of_masks
-from gating.model.layout import gate_shapes, has_projection, norm_channels, resnet_blocks
+from gating.deploy.checks import Params, Statistics, check_params, checked_statistics
+from gating.model import ModelSpec, dense_macs, macs_of_masks
+from gating.model.layout import gate_shapes, has_projection, resnet_blocks
 from gating.model.norm import EPS as NORM_EPS
 from gating.model.resnet import conv_norm_names
 
 BACKENDS = ("auto", "native", "torch")
-
-Params = Mapping[str, Tensor]
-#: Per norm layer (by statistics index), each channel's frozen ``(mean, var)``.
-Statistics = Sequence[tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -139,8 +135,8 @@ class SlicedGatedResNet:
         self.spec = spec
         self.backend = "torch"
         self.params = {name: t.detach().to(torch.float32).clone() for name, t in params.items()}
-        _check_params(spec, self.params)
-        self.statistics = None if statistics is None else _checked_statistics(spec, statistics)
+        check_params(spec, self.params)
+        self.statistics = None if statistics is None else checked_statistics(spec, statistics)
         self.metadata: dict[str, object] = {}  # what save() stored alongside, if loaded
         self._input_shape = (1, spec.in_channels, spec.image_size, spec.image_size)
         self._stem, self._blocks = self._layers()
@@ -253,37 +249,3 @@ class SlicedGatedResNet:
     def flops_ratio(self, opened: list[np.ndarray]) -> float:
         """Realized MACs / dense backbone MACs for one input (the project's ``flops_ratio``)."""
         return self.macs(opened) / dense_macs(self.spec)
-
-
-def _check_params(spec: ModelSpec, params: Params) -> None:
-    """Names and shapes exactly as ``GatedResNet(spec).named_parameters()``."""
-    reference: GatedResNet = build_model(spec)  # type: ignore[assignment]
-    expected = {n: tuple(t.shape) for n, t in reference.named_parameters()}
-    given = {n: tuple(t.shape) for n, t in params.items()}
-    missing = sorted(set(expected) - set(given))
-    unknown = sorted(set(given) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(given) if expected[n] != given[n])
-    if missing or unknown or wrong:
-        detail = "; ".join(
-            f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-            for what, names in (("missing", missing), ("unknown", unknown), ("shape", wrong))
-            if names
-        )
-        raise ValueError(f"parameters do not match the model spec {spec} ({detail})")
-
-
-def _checked_statistics(spec: ModelSpec, statistics: Statistics) -> list[tuple[Tensor, Tensor]]:
-    checked = [
-        (mean.detach().to(torch.float32).flatten(), var.detach().to(torch.float32).flatten())
-        for mean, var in statistics
-    ]
-    expected = [((c,), (c,)) for c in norm_channels(spec)]
-    shapes = [(tuple(m.shape), tuple(v.shape)) for m, v in checked]
-    if shapes != expected:
-        raise ValueError(
-            f"statistics must be (mean, var) per norm layer of {spec.describe()}, channels "
-            f"{norm_channels(spec)}, got shapes {shapes}"
-        )
-    if not all(torch.isfinite(m).all() and (v >= 0).all() for m, v in checked):
-        raise ValueError("statistics must be finite, with non-negative variances")
-    return checked
