@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -244,8 +245,11 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     """Check the settings and the data, run the federation, and score it for a sweeper."""
     from server.federation import RunInterrupted
 
-    validate(cfg)
-    preflight(cfg)
+    try:
+        validate(cfg)
+        preflight(cfg)
+    except ValueError as error:  # a setting, device or dataset this run cannot use
+        raise Refused(str(error)) from error
     try:
         with stop_on_signals():
             simulate(cfg, out_dir)
@@ -288,6 +292,11 @@ def sweep_job_state(cfg: DictConfig, out_dir: Path) -> dict | None:
     return None
 
 
+class Refused(ValueError):
+    """A setting, device or dataset this run cannot use, found before anything started: the
+    message names the key and the fix, so a single run prints it without a traceback."""
+
+
 def _interrupted(error: BaseException | None) -> bool:
     """Whether ``error`` is (or was caused by) a requested stop: Flower re-raises the
     ServerApp's exception, or wraps it in its own."""
@@ -311,7 +320,11 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return run(cfg, out_dir)
+        try:
+            return run(cfg, out_dir)
+        except (Refused, RunInterrupted) as error:  # the user's to fix or to continue: no trace
+            print(f"Error: {error}", file=sys.stderr)
+            sys.exit(130 if isinstance(error, RunInterrupted) else 2)
     clear_failure(out_dir)  # a job rerun in the folder of an earlier failure
     try:
         done = sweep_job_state(cfg, out_dir)

@@ -72,8 +72,9 @@ def test_cuda_asked_where_there_is_none_fails_before_ray_starts(
         text=True,
         timeout=180,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-2000:]
     assert named in result.stderr and "Ray" not in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr  # one line naming the key and the fix
 
 
 def test_gpu_shares_reach_flowers_backend_config(monkeypatch):

@@ -123,7 +123,7 @@ def resolve_device(setting: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ValueError(
             f"config key device={setting}: torch sees no CUDA device here "
             f"(torch {torch.__version__}); use device=cpu or device=auto"
         )
