@@ -190,13 +190,16 @@ def quiet_start_up() -> None:
 
 def preflight(cfg: DictConfig) -> None:
     """Fail in one clear line, before Ray starts, when the run cannot work: a device that is
-    not here, a missing or malformed dataset, too few classes for ``task.ways``, too few
-    samples per class, images the model cannot take. Every node checks both roles' classes,
-    so building one training and one target node here finds what every node would."""
+    not here, an MLflow server that does not answer, a missing or malformed dataset, too few
+    classes for ``task.ways``, too few samples per class, images the model cannot take. Every
+    node checks both roles' classes, so building one training and one target node here finds
+    what every node would."""
     from gating.federated.nodes import node_task
     from gating.federated.settings import model_spec
+    from server.tracking import check_tracking_store
 
     gpu_resources(cfg)
+    check_tracking_store(cfg.tracking.backend, cfg.tracking.uri)
     fed = cfg.federation
     partitions = fed.train_nodes + fed.target_nodes
     for partition in (0, partitions - 1):

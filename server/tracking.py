@@ -159,3 +159,33 @@ def make_tracker(
             folder, config, uri or os.environ.get("MLFLOW_TRACKING_URI"), experiment
         )
     return Tracker()
+
+
+def check_tracking_store(backend: TrackingBackend | str, uri: str | None) -> None:
+    """Refuse an MLflow tracking server that does not answer, before anything starts: otherwise
+    the run would fail after Ray and the discovery round (or wait out MLflow's retries).
+    Local stores (a path, ``sqlite:``, ``file:``) are created by the run itself."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if TrackingBackend(backend) is not TrackingBackend.mlflow or not uri:
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {key: os.environ.get(key) for key in quick}
+    os.environ.update(quick)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as error:  # whatever the server or the network says, the run cannot log
+        raise ValueError(
+            f"config key tracking.uri={uri}: the MLflow tracking server does not answer "
+            f"({type(error).__name__}: {str(error)[:200]}); start it, or leave tracking.uri "
+            "unset for a local store beside the run folder"
+        ) from error
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -144,3 +144,26 @@ def test_a_run_with_each_tracker_writes_readable_records(tmp_path, subprocess_en
         assert only.data.params["federation.rounds"] == "3"
         artifacts = {a.path for a in client.list_artifacts(only.info.run_id)}
         assert {"accuracy.png", "summary.json", "history.json"} <= artifacts
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_before_ray_starts(
+    tmp_path, subprocess_env, free_port
+):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [
+            sys.executable,
+            "simulate.py",
+            "tracking=mlflow",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"tracking.uri={uri}" in result.stderr and "Ray" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
