@@ -138,6 +138,11 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         )
         for m in usable
     }
+    if not replies:
+        raise FederationError(
+            f"none of the {len(node_ids)} connected nodes answered within "
+            f"federation.timeout={cfg.federation.timeout} s (raise it for slow nodes)"
+        )
     if not shape_of:
         raise FederationError("no node could take part (see the reasons above)")
     shape = Counter(shape_of.values()).most_common(1)[0][0]

@@ -355,20 +355,21 @@ def test_supernode_killed_during_run(federation, sites, tmp_path):
     )
     started = time.monotonic()
     run = federation.procs.start("run-a", federation.run_args(overrides), federation.env, tmp_path)
-    history_file = out / "history.json"
+    # Rounds are appended to history.jsonl as they end; history.json is written at the end.
+    lines_file = out / "history.jsonl"
     deadline = time.monotonic() + 240
-    while not history_file.exists():
+    while not (lines_file.exists() and lines_file.read_text().endswith("\n")):
         assert run.poll() is None, (tmp_path / "run-a.log").read_text()[-4000:]
         assert time.monotonic() < deadline, (tmp_path / "run-a.log").read_text()[-4000:]
         federation.procs.track()
         time.sleep(0.3)
-    first = json.loads(history_file.read_text())
+    first = [json.loads(line) for line in lines_file.read_text().splitlines()]
     assert [h["round"] for h in first] == [1] and first[0]["replies"] == 2
     federation.procs.kill("site-b")  # SIGKILL: the node and its ClientApp, mid-run
     killed_at = time.monotonic() - started
 
     assert run.wait(timeout=300) == 0, (tmp_path / "run-a.log").read_text()[-4000:]
-    history = json.loads(history_file.read_text())
+    history = json.loads((out / "history.json").read_text())
     assert history[0] == first[0]  # what was written before the crash is kept as it was
     assert [h["round"] for h in history] == [1, 2] and history[1]["replies"] == 1
     assert (out / "summary.json").stat().st_size > 0
@@ -381,7 +382,7 @@ def test_supernode_killed_during_run(federation, sites, tmp_path):
     # With one training site left, a run that needs two fails, and run.sh says so (exit 1).
     overrides = (
         "federation.train_nodes=2 federation.target_nodes=1 federation.clients_per_round=2 "
-        "federation.rounds=2 federation.timeout=5"
+        "federation.rounds=2 federation.timeout=20"
     )
     started = time.monotonic()
     result = federation.command(federation.run_args(overrides), timeout=240)
