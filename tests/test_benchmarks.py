@@ -49,6 +49,14 @@ def test_gated_inference_slices_what_the_masked_network_computes(subprocess_env)
     assert node.group(1) == node.group(2)
 
 
+def test_gated_resnet_inference_runs_the_open_channels(subprocess_env):
+    args = ["--widths", "8-8-16-16", "--image-size", "16", "--open", "0.5", "--reps", "1"]
+    figures = result(run_benchmark("gated_resnet_inference.py", args, subprocess_env, timeout=300))
+    assert float(figures["speedup"]) > 0
+    # half of each block's inner channels open: the realized MACs fall well below dense
+    assert 0.2 < float(figures["flops_ratio"]) < 0.8
+
+
 def test_metagrad_batched_equals_the_loop(subprocess_env):
     args = ["--datasets", "digits", "--reps", "1", "--tasks", "2", "--sections", "variants"]
     out = run_benchmark("metagrad.py", args, subprocess_env, timeout=600)
