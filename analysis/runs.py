@@ -7,6 +7,7 @@ it failed in its folder) and :class:`SweepFailures` (the sweep lists them at the
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +170,10 @@ class RunFolderGuard(Callback):
         try:
             check_run_folder(folder, bool(config.resume), to_flat(config))
         except RunFolderError as error:
-            # Hydra's callback runner swallows exceptions but not SystemExit.
-            raise SystemExit(f"error: {error}") from error
+            # Hydra's callback runner swallows exceptions but not SystemExit; one line and
+            # exit status 2, as simulate.py ends every other refused run
+            print(f"Error: {error}", file=sys.stderr)
+            raise SystemExit(2) from error
 
 
 class SweepFailures(Callback):

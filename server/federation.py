@@ -48,7 +48,7 @@ from server.checkpoint import (
 from server.progress import RoundReporter
 from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
 from server.strategy import MetaLearningStrategy
-from server.tracking import make_tracker
+from server.tracking import check_tracking_store, make_tracker
 from server.validation import node_problem
 
 
@@ -138,6 +138,11 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         )
         for m in usable
     }
+    if not node_ids:
+        raise FederationError(
+            f"no node connected within federation.timeout={cfg.federation.timeout} s: start "
+            "the SuperNodes (or check their address, certificates and keys)"
+        )
     if not replies:
         raise FederationError(
             f"none of the {len(node_ids)} connected nodes answered within "
@@ -228,6 +233,7 @@ class FederatedRun:
         self.checkpoint = out_dir / CHECKPOINT_NAME
         self.flat = to_flat(cfg)
         saved = check_run_folder(out_dir, cfg.resume, self.flat)
+        check_tracking_store(cfg.tracking.backend, cfg.tracking.uri)  # before nodes are asked
         OmegaConf.save(cfg, out_dir / "config.yaml")
         record_class_split(cfg, out_dir)
 

@@ -164,7 +164,10 @@ def make_tracker(
 def check_tracking_store(backend: TrackingBackend | str, uri: str | None) -> None:
     """Refuse an MLflow tracking server that does not answer, before anything starts: otherwise
     the run would fail after Ray and the discovery round (or wait out MLflow's retries).
-    Local stores (a path, ``sqlite:``, ``file:``) are created by the run itself."""
+    Only HTTP(S) servers are probed: local stores (a path, ``sqlite:``, ``file:``) are created
+    by the run itself, and database or Databricks stores fail with their driver's message."""
+    source = "config key tracking.uri" if uri else "MLFLOW_TRACKING_URI"
+    fix = "leave tracking.uri unset" if uri else "unset MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if TrackingBackend(backend) is not TrackingBackend.mlflow or not uri:
         return
@@ -179,9 +182,9 @@ def check_tracking_store(backend: TrackingBackend | str, uri: str | None) -> Non
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as error:  # whatever the server or the network says, the run cannot log
         raise ValueError(
-            f"config key tracking.uri={uri}: the MLflow tracking server does not answer "
-            f"({type(error).__name__}: {str(error)[:200]}); start it, or leave tracking.uri "
-            "unset for a local store beside the run folder"
+            f"{source}={uri}: the MLflow tracking server does not answer "
+            f"({type(error).__name__}: {str(error)[:200]}); start it, or {fix} "
+            "for a local store beside the run folder"
         ) from error
     finally:
         for key, value in saved.items():

@@ -14,6 +14,7 @@ from gating.federated.server_step import RoundFailed
 __all__ = ["RoundFailed", "node_problem", "read_update", "train_metrics_problem"]
 
 #: What a training reply may report besides its example count, and the plausible range.
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 TRAIN_METRIC_RANGES = {
     "query-loss": (0.0, math.inf),
     "query-accuracy": (0.0, 1.0),
@@ -53,8 +54,9 @@ def read_update(
             return f"{name}: unreadable array ({error})"
         if tuple(array.shape) != tuple(shape):
             return f"{name}: shape {tuple(array.shape)}, expected {tuple(shape)}"
-        if not np.issubdtype(array.dtype, np.floating):
-            return f"{name}: dtype {array.dtype}, expected a float type"
+        if array.dtype not in FLOAT_DTYPES or not array.dtype.isnative:
+            # torch takes native float16/32/64 only (not longdouble, not another byte order)
+            return f"{name}: dtype {array.dtype.str}, expected float16, float32 or float64"
         if not np.isfinite(array).all():
             return f"{name}: non-finite values"
     return arrays

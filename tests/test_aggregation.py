@@ -3,6 +3,7 @@ step that cannot leave a broken model."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -117,17 +118,25 @@ def test_adam_state_is_restored_too():
         AggregationRule(clip=Clipping.off),
     )
     step.apply([honest(0)], [1.0], 1)
-    saved = step.state_dict()
+    # an independent copy: the snapshot under test must not share storage with the live state
+    saved = {g: copy.deepcopy(o.state_dict()) for g, o in step.optimizers.items()}
+    snapshot = step.state_dict()
     with pytest.raises(RoundFailed):
         step.apply([{n: torch.full(t.shape, 3e38) for n, t in PARAMS.items()}], [1.0], 2)
-    restored = step.state_dict()
-    for group, state in saved["optimizers"].items():
+    assert_same_optimizer_state(saved, {g: o.state_dict() for g, o in step.optimizers.items()})
+    # a snapshot taken before a successful step keeps what it saw
+    step.apply([honest(1)], [1.0], 3)
+    assert_same_optimizer_state(saved, snapshot["optimizers"])
+
+
+def assert_same_optimizer_state(expected: dict, actual: dict) -> None:
+    for group, state in expected.items():
+        assert state["state"], "Adam has state after a step"
         for key, value in state["state"].items():
             for name, tensor in value.items():
                 assert torch.equal(
-                    torch.as_tensor(tensor),
-                    torch.as_tensor(restored["optimizers"][group]["state"][key][name]),
-                )
+                    torch.as_tensor(tensor), torch.as_tensor(actual[group]["state"][key][name])
+                ), (group, key, name)
 
 
 def test_restoring_a_state_of_the_wrong_shape_is_refused():

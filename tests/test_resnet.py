@@ -18,7 +18,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conf.choices import ModelArch
 from conf.schema import default_config, validate
-from gating.deploy import SlicedGatedResNet, load_model, save_model, sliced_model
+from gating.deploy import (
+    SlicedGatedNet,
+    SlicedGatedResNet,
+    load_model,
+    save_model,
+    sliced_model,
+)
 from gating.export import export_run, format_report
 from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
@@ -400,6 +406,8 @@ def test_sliced_resnet_rejects_what_it_cannot_run():
     params = dict(random_gated(spec, 0).named_parameters())
     with pytest.raises(RuntimeError, match="Conv-N only"):
         sliced_model(spec, params, backend="native")
+    with pytest.raises(ValueError, match="runs Conv-N"):
+        SlicedGatedNet(spec, params, backend="torch")
     with pytest.raises(ValueError, match="missing"):
         SlicedGatedResNet(spec, {k: v for k, v in params.items() if "head" not in k})
     with pytest.raises(ValueError, match="statistics"):

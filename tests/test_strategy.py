@@ -143,7 +143,7 @@ def test_bad_replies_are_left_out_and_the_rest_still_averaged(caplog):
 
 @pytest.mark.parametrize(
     "breakage",
-    ["error", "missing-tensor", "extra-tensor", "no-examples", "int-dtype"],
+    ["error", "missing-tensor", "extra-tensor", "no-examples", "int-dtype", ">f4", "longdouble"],
 )
 def test_each_kind_of_malformed_reply_is_rejected(breakage):
     strategy = make_strategy(min_train_replies=3)
@@ -158,9 +158,10 @@ def test_each_kind_of_malformed_reply_is_rejected(breakage):
         examples = 0
     if breakage == "error":
         replies.append(Message(Error(code=1, reason="client crashed"), reply_to=messages[2]))
-    elif breakage == "int-dtype":
+    elif breakage in ("int-dtype", ">f4", "longdouble"):  # torch.from_numpy would raise
+        dtype = {"int-dtype": np.int64, ">f4": ">f4", "longdouble": np.longdouble}[breakage]
         bad = reply(messages[2], grads, examples, 2)
-        bad.content[UPDATE]["gate.w"] = Array(np.ones(3, np.int64))
+        bad.content[UPDATE]["gate.w"] = Array(np.ones(3, dtype))
         replies.append(bad)
     else:
         replies.append(reply(messages[2], grads, examples, 2))

@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from server.progress import ProgressReporter
-from server.tracking import make_tracker
+from server.tracking import check_tracking_store, make_tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"strategy.name": "metagater", "seed": 0, "gating.target_ratio": 0.5}
@@ -167,3 +167,11 @@ def test_an_mlflow_server_that_does_not_answer_is_refused_before_ray_starts(
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"tracking.uri={uri}" in result.stderr and "Ray" not in result.stderr
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_unanswering_server_from_the_environment_is_named_as_such(monkeypatch, free_port):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ValueError, match=f"MLFLOW_TRACKING_URI={uri}.*unset MLFLOW_TRACKING_URI"):
+        check_tracking_store("mlflow", None)
+    check_tracking_store("tensorboard", None)  # only MLflow's store is probed

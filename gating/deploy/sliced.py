@@ -163,6 +163,8 @@ class SlicedGatedNet:
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if spec.is_resnet:
+            raise ValueError(f"SlicedGatedNet runs Conv-N, not {spec.describe()}: use sliced_model")
         self.spec = spec
         self.params = {name: t.detach().to(torch.float32).clone() for name, t in params.items()}
         check_params(spec, self.params)
