@@ -211,29 +211,24 @@ def add_paired_deltas(rows: list[Row], reference: str) -> None:
     with several the standard deviation of the per-seed means (as for every other column).
     Rows without per-task accuracies (older runs) or without a shared seed get none.
     """
-    for protocol in {r.protocol for r in rows}:
-        members = [r for r in rows if r.protocol == protocol]
-        references = [r for r in members if r.runs[0].config["strategy.name"] == reference]
-        if len(references) != 1:
-            continue  # no reference, or several configurations of it: nothing unambiguous
-        base = _tasks_by_seed(references[0])
-        for row in members:
-            if row is references[0]:
-                row.values.update(paired_delta=0.0, paired_delta_reference=1.0)
-                continue
-            per_seed = []
-            for seed, tasks in _tasks_by_seed(row).items():
-                shared = sorted(set(tasks) & set(base.get(seed, {})))
-                if shared:
-                    per_seed.append([tasks[t] - base[seed][t] for t in shared])
-            if len(per_seed) == 1:
-                row.values["paired_delta"], row.values["paired_delta_ci95"] = mean_ci95(per_seed[0])
-                row.values["paired_tasks"] = len(per_seed[0])
-            elif per_seed:
-                means = [float(np.mean(d)) for d in per_seed]
-                row.values["paired_delta"] = float(np.mean(means))
-                row.values["paired_delta_std"] = float(np.std(means, ddof=1))
-                row.values["paired_tasks"] = float(np.mean([len(d) for d in per_seed]))
+    for row, ref in _reference_pairs(rows, reference):
+        base = _tasks_by_seed(ref)
+        if row is ref:
+            row.values.update(paired_delta=0.0, paired_delta_reference=1.0)
+            continue
+        per_seed = []
+        for seed, tasks in _tasks_by_seed(row).items():
+            shared = sorted(set(tasks) & set(base.get(seed, {})))
+            if shared:
+                per_seed.append([tasks[t] - base[seed][t] for t in shared])
+        if len(per_seed) == 1:
+            row.values["paired_delta"], row.values["paired_delta_ci95"] = mean_ci95(per_seed[0])
+            row.values["paired_tasks"] = len(per_seed[0])
+        elif per_seed:
+            means = [float(np.mean(d)) for d in per_seed]
+            row.values["paired_delta"] = float(np.mean(means))
+            row.values["paired_delta_std"] = float(np.std(means, ddof=1))
+            row.values["paired_tasks"] = float(np.mean([len(d) for d in per_seed]))
 
 
 def add_time_to_accuracy(rows: list[Row], reference: str) -> None:
@@ -243,27 +238,48 @@ def add_time_to_accuracy(rows: list[Row], reference: str) -> None:
     Intermediate evaluations may use a sample of the target nodes (``federation.eval_nodes``)
     and happen every ``eval_every`` rounds, so this is a resolution of ``eval_every`` rounds.
     """
+    for row, ref in _reference_pairs(rows, reference):
+        target = {
+            run.config.get("seed"): float(run.summary["accuracy"])
+            for run in ref.runs
+            if run.summary
+        }
+        reached = [
+            _time_to(run, target[seed])
+            for run in row.runs
+            if (seed := run.config.get("seed")) in target
+        ]
+        if reached:
+            rounds = [r for r, _ in reached]
+            seconds = [s for _, s in reached]
+            row.values["rounds_to_reference"] = float(np.mean(rounds))
+            row.values["seconds_to_reference"] = float(np.mean(seconds))
+
+
+# What a reference must share with a row to be its baseline: the same network, data and tasks.
+_SETTING_PREFIXES = ("model.", "dataset.", "task.", "federation.")
+
+
+def _reference_pairs(rows: list[Row], reference: str) -> list[tuple[Row, Row]]:
+    """(row, its reference row) for every row that has one: the only configuration of the
+    reference strategy in the row's protocol, or, where there are several (a ResNet and a
+    Conv-4 fedmeta), the one with the row's network, data and task settings."""
+
+    def setting(row: Row) -> dict[str, Any]:
+        return {k: v for k, v in row.runs[0].config.items() if k.startswith(_SETTING_PREFIXES)}
+
+    pairs = []
     for protocol in {r.protocol for r in rows}:
         members = [r for r in rows if r.protocol == protocol]
         references = [r for r in members if r.runs[0].config["strategy.name"] == reference]
-        if len(references) != 1:
-            continue
-        target = {
-            run.config.get("seed"): float(run.summary["accuracy"])
-            for run in references[0].runs
-            if run.summary
-        }
         for row in members:
-            reached = [
-                _time_to(run, target[seed])
-                for run in row.runs
-                if (seed := run.config.get("seed")) in target
-            ]
-            if reached:
-                rounds = [r for r, _ in reached]
-                seconds = [s for _, s in reached]
-                row.values["rounds_to_reference"] = float(np.mean(rounds))
-                row.values["seconds_to_reference"] = float(np.mean(seconds))
+            if len(references) == 1:
+                pairs.append((row, references[0]))
+                continue
+            same = [ref for ref in references if setting(ref) == setting(row)]
+            if len(same) == 1:  # otherwise nothing unambiguous to compare with
+                pairs.append((row, same[0]))
+    return pairs
 
 
 def _time_to(run: Run, accuracy: float) -> tuple[float, float]:

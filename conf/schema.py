@@ -98,7 +98,7 @@ class GatingConfig:
     where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
     # Relaxed gates in training, R on the deployed gates' ratio: measured to keep MetaGater within
-    # a point of dense federated MAML at ρ = 0.5 (BENCHMARKS.md, "MetaGater against fedmeta").
+    # a point of dense federated MAML at ρ = 0.5 on Fashion-MNIST (BENCHMARKS.md, "Fidelity").
     train_gates: TrainGates = TrainGates.soft
     cost: GateCost = GateCost.deployed  # the MAC ratio R holds to ρ
 

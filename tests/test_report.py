@@ -157,3 +157,25 @@ def test_report_builds_tables_per_protocol_and_both_plots(runs, tmp_path):
 def test_report_refuses_an_empty_folder(tmp_path):
     with pytest.raises(SystemExit, match="no run folders"):
         report([tmp_path], tmp_path / "out")
+
+
+def test_each_network_is_paired_with_its_own_reference(tmp_path):
+    """Two fedmeta configurations in one protocol (Conv-4 and ResNet-12): each row is compared
+    with the fedmeta run of its own network, task by task."""
+    root = tmp_path / "bench"
+    dense = {"strategy.name": "fedmeta", "gating.enabled": False}
+    resnet = {"model.arch": "resnet12", "model.widths": "8-8-16-16"}
+    write_run(root / "fm_conv", dense, 0.8, 200_000, tasks={"0": 0.8, "1": 0.6})
+    write_run(root / "fm_r12", {**dense, **resnet}, 0.7, 900_000, tasks={"0": 0.5, "1": 0.9})
+    write_run(root / "mg_conv", {}, 0.75, 100_000, tasks={"0": 0.9, "1": 0.6})
+    write_run(root / "mg_r12", resnet, 0.6, 500_000, tasks={"0": 0.5, "1": 0.7})
+    out = tmp_path / "report"
+    report([root], out)
+    with (out / "report.csv").open() as handle:
+        deltas = {
+            (row["configuration"].split()[0], "resnet12" in row["configuration"]): row
+            for row in csv.DictReader(handle)
+        }
+    assert float(deltas["metagater", False]["paired_delta"]) == pytest.approx(0.05)
+    assert float(deltas["metagater", True]["paired_delta"]) == pytest.approx(-0.1)
+    assert float(deltas["fedmeta", True]["paired_delta"]) == 0.0
