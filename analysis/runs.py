@@ -52,6 +52,10 @@ def inert_keys(config: dict[str, Any]) -> set[str]:
         inert |= {k for k in config if k.startswith("gating.") and k != "gating.enabled"}
         inert |= {"adapt.gate_lr", "adapt.order", "meta.gate_lr"}
         inert |= {"model.gate_hidden", "model.gate_bias"}
+    if config.get("model.arch", "conv") == "conv":  # Conv-N reads width and depth
+        inert.add("model.widths")
+    else:  # the ResNets read their stage widths
+        inert |= {"model.width", "model.depth"}
     name = config.get("strategy.name")
     if name not in set(StrategyName) or not TRAITS[StrategyName(name)].reads_local:
         inert |= {k for k in config if k.startswith("local.")}
