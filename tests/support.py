@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psutil
 
+from conf.schema import default_config
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -150,3 +152,19 @@ def assert_matches_central_differences(
             assert grads[name].reshape(-1)[index].item() == pytest.approx(
                 numeric, rel=1e-4, abs=1e-7
             ), name
+
+
+def tiny_fo_federation():
+    """A 4 + 2 node first-order MetaGater config that trains in seconds (its gates close fast:
+    short warm-up, ρ = 0.4, large meta step sizes); a test sets its network on top."""
+
+    cfg = default_config()
+    cfg.federation.train_nodes = 4
+    cfg.federation.target_nodes = 2
+    cfg.federation.clients_per_round = 2
+    cfg.gating.warmup_rounds = 2
+    cfg.gating.target_ratio = 0.4
+    cfg.meta.first_order = True
+    cfg.strategy.name = "metagater_fo"
+    cfg.meta.backbone_lr = cfg.meta.gate_lr = 0.03
+    return cfg

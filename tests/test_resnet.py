@@ -49,7 +49,7 @@ from gating.model import (
     realized_macs,
 )
 from gating.model.resnet import ConvNorm, conv_norm_names
-from tests.support import assert_matches_central_differences
+from tests.support import assert_matches_central_differences, tiny_fo_federation
 
 ARCHS = ["resnet12", "resnet18"]
 WIDTHS = (4, 6, 8, 8)
@@ -441,18 +441,10 @@ def test_model_file_round_trip(tmp_path, arch):
 
 
 def resnet_config():
-    cfg = default_config()
+    cfg = tiny_fo_federation()
     cfg.model.arch = "resnet12"
     cfg.model.widths = "4,6,8,8"
     cfg.model.gate_hidden = 4
-    cfg.federation.train_nodes = 4
-    cfg.federation.target_nodes = 2
-    cfg.federation.clients_per_round = 2
-    cfg.gating.warmup_rounds = 2
-    cfg.gating.target_ratio = 0.4
-    cfg.meta.first_order = True
-    cfg.strategy.name = "metagater_fo"
-    cfg.meta.backbone_lr = cfg.meta.gate_lr = 0.03
     return validate(cfg)
 
 

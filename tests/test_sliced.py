@@ -10,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 
 import gating.deploy.sliced as sliced_module
-from conf.schema import default_config
 from gating.deploy import SlicedGatedNet, load_model, native_available, save_model
 from gating.export import adapt_node, export_run, main
 from gating.federated.evaluation import evaluate_node
@@ -18,6 +17,7 @@ from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation
 from gating.federated.settings import regularizer_weight
 from gating.model import GatedConvNet, GateMode, ModelSpec, NormStats, dense_macs, realized_macs
+from tests.support import tiny_fo_federation
 
 NATIVE, WHY = native_available()
 BACKENDS = [
@@ -205,16 +205,7 @@ def test_save_load_round_trip(tmp_path, backend):
 
 
 def digits_config():
-    cfg = default_config()
-    cfg.federation.train_nodes = 4
-    cfg.federation.target_nodes = 2
-    cfg.federation.clients_per_round = 2
-    cfg.gating.warmup_rounds = 2
-    cfg.gating.target_ratio = 0.4
-    cfg.meta.first_order = True
-    cfg.strategy.name = "metagater_fo"
-    cfg.meta.backbone_lr = cfg.meta.gate_lr = 0.03
-    return cfg
+    return tiny_fo_federation()
 
 
 @pytest.fixture(scope="module")
