@@ -141,8 +141,10 @@ def write_failure(out_dir: Path, error: BaseException) -> Path:
     reasons = []
     seen: BaseException | None = error
     while seen is not None and len(reasons) < 4:
-        reasons.append(f"{type(seen).__name__}: {seen}".strip())
-        seen = seen.__cause__ or seen.__context__
+        cause = seen.__cause__ or seen.__context__
+        if cause is None or str(cause) != str(seen):  # a re-raise with the same words adds none
+            reasons.append(f"{type(seen).__name__}: {seen}".strip())
+        seen = cause
     text = " <- caused by ".join(" ".join(r.split()) for r in reasons)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FAILURE_FILE

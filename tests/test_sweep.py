@@ -332,6 +332,15 @@ def test_write_failure_keeps_the_chain_of_causes_in_one_paragraph(tmp_path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("RuntimeError: An error was encountered. Ending simulation.")
     assert "<- caused by ValueError: config key federation.clients_per_round=99" in first
+    # a wrapper that repeats its cause's words (simulate.py's Refused) is not said twice
+    try:
+        try:
+            raise ValueError("config key seed=-1: must be >= 0")
+        except ValueError as inner:
+            raise TypeError(str(inner)) from inner
+    except TypeError as error:
+        path = write_failure(tmp_path, error)
+    assert path.read_text().count("config key seed=-1") == 1
 
 
 @pytest.mark.sweep
