@@ -98,7 +98,7 @@ class GatingConfig:
     where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
     # Relaxed gates in training, R on the deployed gates' ratio: with them MetaGater at ρ = 0.5 is
-    # at or above dense federated MAML on digits (3 seeds) and Fashion-MNIST 5-shot (seed 0),
+    # at or above dense federated MAML on digits (3 seeds) and Fashion-MNIST 5-shot (2 seeds),
     # 1.7 points below on 1-shot (was 4.5); BENCHMARKS.md, "Fidelity".
     train_gates: TrainGates = TrainGates.soft
     cost: GateCost = GateCost.deployed  # the MAC ratio R holds to ρ
