@@ -188,6 +188,21 @@ def time_interleaved(
     return times
 
 
+def latency_table(times: dict[str, list[float]], names: list[str], baseline: str) -> list[str]:
+    """Median, p10 and p90 microseconds per variant, and its speed against ``baseline``."""
+    med = {n: statistics.median(times[n]) for n in names}
+    lines = [
+        f"| variant | median us | p10 us | p90 us | vs {baseline} |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for n in names:
+        p10, p90 = np.percentile(times[n], [10, 90])
+        lines.append(
+            f"| {n} | {med[n]:.1f} | {p10:.1f} | {p90:.1f} | {med[baseline] / med[n]:.2f}x |"
+        )
+    return lines
+
+
 def synthetic_case(spec: ModelSpec, layer_ratios: list[float], inputs: list[torch.Tensor]):
     """A random width-``spec.width`` network whose gates open a fixed share of channels per layer
     (the trained model's ratios): the cost structure of a gated model at another width."""
@@ -319,11 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{spec.image_size}, {len(inputs)} query inputs x {args.reps} reps (median us)"
     )
     log("")
-    log("| variant | median us | p10 us | p90 us | vs dense |")
-    log("| --- | ---: | ---: | ---: | ---: |")
-    for n in names:
-        p10, p90 = np.percentile(times[n], [10, 90])
-        log(f"| {n} | {med[n]:.1f} | {p10:.1f} | {p90:.1f} | {med['dense'] / med[n]:.2f}x |")
+    for line in latency_table(times, names, "dense"):
+        log(line)
     log("")
     log(
         f"realized flops_ratio {flops_ratio:.3f} (MACs incl. gates; dense {dense_macs(spec)} MACs)"

@@ -30,7 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gated_inference import time_interleaved  # benchmarks/ (the script's folder is on sys.path)
+from gated_inference import (  # benchmarks/ (the script's folder is on sys.path)
+    latency_table,
+    time_interleaved,
+)
 from host import describe_host
 
 from conf.choices import ModelArch
@@ -142,11 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     log("")
     log(f"## Batch-1 latency, {cases[0][0].spec.describe()}, {len(inputs)} inputs x {args.reps}")
     log("")
-    log("| variant | median us | p10 us | p90 us | vs torch_dense |")
-    log("| --- | ---: | ---: | ---: | ---: |")
-    for n in NAMES:
-        p10, p90 = np.percentile(times[n], [10, 90])
-        log(f"| {n} | {med[n]:.1f} | {p10:.1f} | {p90:.1f} | {med['torch_dense'] / med[n]:.2f}x |")
+    for line in latency_table(times, NAMES, "torch_dense"):
+        log(line)
     log("")
     log(f"realized flops_ratio {flops_ratio:.3f} (MACs incl. gates)")
     log(f"total {time.perf_counter() - started:.0f}s")

@@ -15,8 +15,10 @@ from pathlib import Path
 import psutil
 
 from conf.schema import default_config
+from gating.meta import MetaConfig
 
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:
@@ -168,3 +170,29 @@ def tiny_fo_federation():
     cfg.strategy.name = "metagater_fo"
     cfg.meta.backbone_lr = cfg.meta.gate_lr = 0.03
     return cfg
+
+
+# Hard gates, the expected-cost regularizer and large step sizes: the straight-through paths the
+# meta-gradient tests check (a test relaxes or reorders it with dataclasses.replace).
+STRAIGHT_THROUGH_META = MetaConfig(
+    backbone_lr=0.3,
+    gate_lr=0.7,
+    reg_weight=0.5,
+    target_ratio=0.3,
+    train_gates="hard",
+    cost="expected",
+)
+
+
+def run_simulate(
+    env: dict[str, str], *overrides: str, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """``python simulate.py OVERRIDES`` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "simulate.py", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -4,10 +4,7 @@ GPU shares reaching Flower's backend config; and, where a GPU exists, CUDA equal
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +15,8 @@ from gating.federated.nodes import node_task
 from gating.federated.settings import initial_parameters, model_spec, resolve_device
 from gating.federated.updates import ClientRound, client_update
 from gating.meta import MetaConfig, meta_gradients
+from tests.support import run_simulate
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
 
@@ -64,14 +61,7 @@ def test_a_malformed_device_is_refused_naming_the_key(setting):
 def test_cuda_asked_where_there_is_none_fails_before_ray_starts(
     tmp_path, subprocess_env, overrides, named
 ):
-    result = subprocess.run(
-        [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = run_simulate(subprocess_env, *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2, result.stderr[-2000:]
     assert named in result.stderr and "Ray" not in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr  # one line naming the key and the fix
@@ -148,20 +138,13 @@ def test_meta_gradients_on_cuda_equal_the_cpu_ones(digits_episodes, tiny_model):
 @needs_cuda
 def test_a_simulation_with_half_a_gpu_per_client_writes_its_summary(tmp_path, subprocess_env):
     run = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "simulate.py",
-            "federation=tiny",
-            "device=cuda",
-            "ray.client_gpus=0.5",
-            "output.plots=false",
-            f"hydra.run.dir={run}",
-        ],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
+    result = run_simulate(
+        subprocess_env,
+        "federation=tiny",
+        "device=cuda",
+        "ray.client_gpus=0.5",
+        "output.plots=false",
+        f"hydra.run.dir={run}",
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,7 @@ from torch.func import functional_call
 from conf.choices import NormKind
 from gating.meta import MetaConfig, adapt, evaluate_adaptation, meta_gradients, task_loss
 from gating.model import LayerTrace, NormStats, gate_regularizer
-from tests.support import assert_matches_central_differences
+from tests.support import STRAIGHT_THROUGH_META, assert_matches_central_differences
 
 
 @pytest.fixture(scope="module")
@@ -22,24 +22,7 @@ def task(digits_episodes):
 
 
 CONFIGS = {
-    "backbone_first": MetaConfig(
-        order="backbone_first",
-        backbone_lr=0.3,
-        gate_lr=0.7,
-        reg_weight=0.5,
-        target_ratio=0.3,
-        train_gates="hard",
-        cost="expected",
-    ),
-    "gate_first": MetaConfig(
-        order="gate_first",
-        backbone_lr=0.3,
-        gate_lr=0.7,
-        reg_weight=0.5,
-        target_ratio=0.3,
-        train_gates="hard",
-        cost="expected",
-    ),
+    order: replace(STRAIGHT_THROUGH_META, order=order) for order in ("backbone_first", "gate_first")
 }
 
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gating.meta import Batch, MetaConfig, adapt, meta_gradients, meta_gradients_batched, task_loss
+from gating.meta import Batch, adapt, meta_gradients, meta_gradients_batched, task_loss
 from gating.meta import batched as meta_batched
-from tests.support import assert_matches_central_differences
+from tests.support import STRAIGHT_THROUGH_META, assert_matches_central_differences
 
 # Gates start less open than the default (+3, every gate open): with the noise below some gates
 # close, so masks and the straight-through path matter.
@@ -24,14 +24,7 @@ def fixed_noise(like: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 # hard gates and the expected-cost regularizer: the straight-through paths under test
-BASE = MetaConfig(
-    backbone_lr=0.3,
-    gate_lr=0.7,
-    reg_weight=0.5,
-    target_ratio=0.3,
-    train_gates="hard",
-    cost="expected",
-)
+BASE = STRAIGHT_THROUGH_META
 CASES = {
     "second_order": BASE,
     "first_order": replace(BASE, first_order=True),

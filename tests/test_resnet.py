@@ -49,7 +49,11 @@ from gating.model import (
     realized_macs,
 )
 from gating.model.resnet import ConvNorm, conv_norm_names
-from tests.support import assert_matches_central_differences, tiny_fo_federation
+from tests.support import (
+    STRAIGHT_THROUGH_META,
+    assert_matches_central_differences,
+    tiny_fo_federation,
+)
 
 ARCHS = ["resnet12", "resnet18"]
 WIDTHS = (4, 6, 8, 8)
@@ -289,14 +293,7 @@ def task(digits_episodes):
 
 
 # soft gates and the expected cost: smooth, so central differences apply
-META = MetaConfig(
-    backbone_lr=0.3,
-    gate_lr=0.7,
-    reg_weight=0.5,
-    target_ratio=0.3,
-    train_gates="soft",
-    cost="expected",
-)
+META = replace(STRAIGHT_THROUGH_META, train_gates="soft")
 
 
 @pytest.mark.parametrize("order", ["backbone_first", "gate_first"])

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from server.progress import ProgressReporter
 from server.tracking import check_tracking_store, make_tracker
+from tests.support import run_simulate
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"strategy.name": "metagater", "seed": 0, "gating.target_ratio": 0.5}
 
 
@@ -116,19 +114,12 @@ def test_a_terminal_gets_a_bar_and_a_pipe_gets_periodic_lines(caplog):
 @pytest.mark.parametrize("backend", ["tensorboard", "mlflow"])
 def test_a_run_with_each_tracker_writes_readable_records(tmp_path, subprocess_env, backend):
     run = tmp_path / "run"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "simulate.py",
-            "federation=tiny",
-            f"tracking={backend}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-            f"hydra.run.dir={run}",
-        ],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
+    result = run_simulate(
+        subprocess_env,
+        "federation=tiny",
+        f"tracking={backend}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        f"hydra.run.dir={run}",
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,19 +141,11 @@ def test_an_mlflow_server_that_does_not_answer_is_refused_before_ray_starts(
     tmp_path, subprocess_env, free_port
 ):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    result = subprocess.run(
-        [
-            sys.executable,
-            "simulate.py",
-            "tracking=mlflow",
-            f"tracking.uri={uri}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=ROOT,
-        env=subprocess_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_simulate(
+        subprocess_env,
+        "tracking=mlflow",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"tracking.uri={uri}" in result.stderr and "Ray" not in result.stderr

@@ -4,8 +4,6 @@ that carry code or are damaged are refused naming the path; results are never wr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +25,8 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from tests.support import run_simulate
 from tests.test_report import write_run
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -64,17 +61,6 @@ def test_private_runs_must_average_uniformly():
         validate(cfg)
 
 
-def simulate(tmp_path: Path, env: dict[str, str], *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "simulate.py", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
 def write_npz(path: Path, x: np.ndarray, classes: int = 5, per_class: int = 80) -> Path:
     np.savez(path, x=x, y=np.repeat(np.arange(classes), per_class)[: len(x)])
     return path
@@ -102,8 +88,7 @@ def test_data_that_cannot_make_the_tasks_fails_before_ray_starts(
     }[data]
     path = write_npz(tmp_path / "data.npz", x)
     run = tmp_path / "run"
-    result = simulate(
-        tmp_path,
+    result = run_simulate(
         subprocess_env,
         "dataset=npz",
         f"dataset.path={path}",
@@ -165,7 +150,7 @@ def test_a_folder_with_results_is_never_written_over(tmp_path, subprocess_env):
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({"accuracy": 0.9}))
     before = snapshot(run)
-    result = simulate(tmp_path, subprocess_env, "federation=tiny", f"hydra.run.dir={run}")
+    result = run_simulate(subprocess_env, "federation=tiny", f"hydra.run.dir={run}")
     # refused before Ray starts, in one line (exit 2, no traceback)
     assert result.returncode == 2 and "resume=true" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -181,9 +166,7 @@ def test_a_refused_resume_changes_nothing(tmp_path, subprocess_env):
         {"round": 2, "strategy": {}, "config": flat, "wall_seconds": 1.0},
     )
     before = snapshot(run)
-    result = simulate(
-        tmp_path, subprocess_env, "federation=tiny", "resume=true", f"hydra.run.dir={run}"
-    )
+    result = run_simulate(subprocess_env, "federation=tiny", "resume=true", f"hydra.run.dir={run}")
     assert result.returncode == 2 and "configuration changed" in result.stderr
     assert "Traceback" not in result.stderr
     assert snapshot(run) == before
