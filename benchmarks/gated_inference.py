@@ -78,9 +78,10 @@ def train_config(args: argparse.Namespace) -> DictConfig:
     return validate(cfg)
 
 
-def meta_train(cfg: DictConfig, log: Callable[[str], None]) -> Params:
+def meta_train(cfg: DictConfig, log: Callable[[str], None]) -> tuple[Params, float]:
     """Federated meta-training without Flower: the federation's own round (sampling, each
-    node's meta-gradient, the example-weighted mean and one Adam step per group)."""
+    node's meta-gradient, the example-weighted mean and one Adam step per group). Returns the
+    meta-initialization and the λ a final evaluation would use."""
     started = time.perf_counter()
     rounds = cfg.federation.rounds
 
@@ -93,7 +94,9 @@ def meta_train(cfg: DictConfig, log: Callable[[str], None]) -> Params:
                 f"{ratio:.3f}, {time.perf_counter() - started:.0f}s"
             )
 
-    return BareFederation(cfg).train(rounds, progress)
+    federation = BareFederation(cfg)
+    params = federation.train(rounds, progress)
+    return params, federation.regularizer_weight(rounds)
 
 
 # --------------------------------------------------------------------------- timing
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     # thread mostly spins waiting for a core (training too was several times slower with 2).
     torch.set_num_threads(args.threads)
     if args.run_dir is not None:
-        cfg, params, server_round = load_run(args.run_dir)
+        cfg, params, server_round, reg_weight = load_run(args.run_dir)
         source = f"run {args.run_dir} (round {server_round})"
     else:
         cfg = train_config(args)
@@ -294,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             f"(A) meta-training {args.steps} first-order steps on Fashion-MNIST 5-way 5-shot, "
             "target ratio 0.5 (use --run-dir for a finished run)"
         )
-        params = meta_train(cfg, log)
+        params, reg_weight = meta_train(cfg, log)
         server_round = args.steps
         source = f"in-process meta-training, {args.steps} first-order steps, seed {args.seed}"
     first = cfg.federation.train_nodes
     partitions = list(range(first, first + min(args.nodes, cfg.federation.target_nodes)))
-    exports = [adapt_node(cfg, params, p, server_round, backend="native") for p in partitions]
+    exports = [
+        adapt_node(cfg, params, p, server_round, reg_weight, backend="native") for p in partitions
+    ]
     cases = [build_case(e, cfg) for e in exports]
     spec = cases[0].export.model.spec
     log(f"model: {source}; adapted target nodes {partitions}")

@@ -64,11 +64,11 @@ def module_of(sliced: SlicedGatedResNet) -> GatedResNet:
 
 
 def run_cases(run_dir: Path, nodes: int, log) -> list[tuple[SlicedGatedResNet, list[torch.Tensor]]]:
-    cfg, params, server_round = load_run(run_dir)
+    cfg, params, server_round, reg_weight = load_run(run_dir)
     first = cfg.federation.train_nodes
     cases = []
     for partition in range(first, first + min(nodes, cfg.federation.target_nodes)):
-        export = adapt_node(cfg, params, partition, server_round, backend="torch")
+        export = adapt_node(cfg, params, partition, server_round, reg_weight, backend="torch")
         if not isinstance(export.model, SlicedGatedResNet):
             raise SystemExit(f"{run_dir} is not a ResNet run: use benchmarks/gated_inference.py")
         task = node_task(

@@ -59,6 +59,7 @@ def train(msg: Message, context: Context) -> Message:
             "query-loss": result.loss,
             "query-accuracy": result.accuracy,
             "flops-ratio": result.flops_ratio,
+            "deployed-flops-ratio": result.deployed_flops_ratio,
             PARTITION_KEY: task.partition_id,
         }
     )

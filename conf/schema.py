@@ -95,6 +95,9 @@ class GatingConfig:
     enabled: bool = True  # strategies without gates (fedmeta, fedavg, perfedavg) switch it off
     target_ratio: float = 0.5  # rho: the MAC ratio the regularizer aims for
     warmup_rounds: int = 20  # lambda rises linearly to its value over these rounds
+    # after the warm-up, lambda += lambda_lr x (deployed MAC ratio - target_ratio) each round
+    # (dual ascent: the gates meet the budget on any data); 0 keeps lambda fixed
+    lambda_lr: float = 0.5
     where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
     # Relaxed gates in training, R on the deployed gates' ratio: with them MetaGater at ρ = 0.5 is
@@ -265,6 +268,7 @@ RUN_ONLY_KEYS = frozenset(
 #: What a run written before a setting existed did, where that is not the setting's default
 #: now: the norm took batch statistics, the server trusted claims and norms.
 LEGACY_VALUES = {
+    "gating.lambda_lr": 0.0,
     "model.norm": "batch",
     "robust.weighting": "claimed",
     "robust.clip": "off",

@@ -68,6 +68,7 @@ CHECKS = (
     Check("gating.target_ratio", lambda c: 0 < c.gating.target_ratio <= 1.5, "in (0, 1.5]"),
     Check("gating.lambda", lambda c: c.gating["lambda"] >= 0, ">= 0 (0: no regularizer)"),
     Check("gating.warmup_rounds", lambda c: c.gating.warmup_rounds >= 0, ">= 0"),
+    Check("gating.lambda_lr", lambda c: c.gating.lambda_lr >= 0, ">= 0"),
     Check(
         "gating.temperature",
         lambda c: math.isfinite(c.gating.temperature) and c.gating.temperature > 0,

@@ -34,14 +34,9 @@ from torch import Tensor
 
 from conf.schema import legacy_flat
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
+from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import node_task
-from gating.federated.settings import (
-    meta_config,
-    model_for,
-    model_spec,
-    regularizer_weight,
-    seed_torch,
-)
+from gating.federated.settings import meta_config, model_for, model_spec, seed_torch
 from gating.meta import Batch, accuracy, adapt, deployed_stats, forward
 from gating.model import GateMode, gate_shapes
 
@@ -84,17 +79,19 @@ def adapt_node(
     params: Mapping[str, Tensor],
     partition: int,
     server_round: int,
+    reg_weight: float,
     backend: str = "auto",
 ) -> Export:
     """One ``Adapt`` of node ``partition`` from the meta-initialization ``params``, exactly as
-    its ClientApp evaluates it in round ``server_round``, and the sliced model of the result."""
+    its ClientApp evaluates it in round ``server_round`` with λ = ``reg_weight``, and the sliced
+    model of the result."""
     num_partitions = cfg.federation.train_nodes + cfg.federation.target_nodes
     task = node_task(cfg, {"partition-id": partition, "num-partitions": num_partitions})
     spec = model_spec(cfg, task)
     model = model_for(spec)
     episode = task.fixed_episode()
     support = Batch(episode.support_x, episode.support_y)
-    meta_cfg = meta_config(cfg, regularizer_weight(cfg, server_round))
+    meta_cfg = meta_config(cfg, reg_weight)
     initial = {
         n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in params.items()
     }
@@ -138,8 +135,9 @@ def adapt_node(
     )
 
 
-def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
-    """A run folder's config, final meta-initialization and the round it was taken after."""
+def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int, float]:
+    """A run folder's config, final meta-initialization, the round it was taken after and the
+    λ its final evaluation used."""
     run_dir = Path(run_dir)
     for name in (CHECKPOINT, CONFIG):
         if not (run_dir / name).is_file():
@@ -157,7 +155,9 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int]:
     try:  # weights_only: a checkpoint that carries code is refused, not run
         state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
         params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
-        return cfg, params, int(state["round"])
+        server_round = int(state["round"])
+        reg_weight = RegularizerWeight.from_checkpoint(cfg, state)(server_round)
+        return cfg, params, server_round, reg_weight
     except Exception as error:
         raise ValueError(
             f"{run_dir / CHECKPOINT} is not a readable checkpoint of this project: "
@@ -192,14 +192,14 @@ def export_run(
     """Adapt ``partition`` (default: the first target node) of a finished run and, if ``out``
     is given, write its sliced model there."""
     run_dir = Path(run_dir)
-    cfg, params, server_round = load_run(run_dir)
+    cfg, params, server_round, reg_weight = load_run(run_dir)
     if not cfg.gating.enabled:
         raise ValueError(
             f"the run in {run_dir} is {cfg.strategy.name}, which has no gates: nothing to slice"
         )
     if partition is None:
         partition = int(cfg.federation.train_nodes)
-    result = adapt_node(cfg, params, partition, server_round, backend=backend)
+    result = adapt_node(cfg, params, partition, server_round, reg_weight, backend=backend)
     result.reported = reported_accuracy(run_dir, partition)
     if out is not None:
         save_model(result.model, out, run_dir=str(run_dir.resolve()), **result.metadata())

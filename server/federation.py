@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from conf.choices import Weighting
 from conf.schema import to_flat
 from gating.data import DatasetError, class_split, load_dataset
+from gating.federated.budget import CHECKPOINT_KEY as REGULARIZER_STATE
+from gating.federated.budget import RegularizerWeight
 from gating.federated.privacy import epsilon
 from gating.federated.protocol import (
     CONFIG,
@@ -33,7 +35,7 @@ from gating.federated.protocol import (
     encode_config,
 )
 from gating.federated.round import server_step_for
-from gating.federated.settings import initial_parameters, regularizer_weight, spec_for, task_spec
+from gating.federated.settings import initial_parameters, spec_for, task_spec
 from gating.federated.updates import expected_examples
 from gating.model import dense_macs
 from server.checkpoint import (
@@ -255,11 +257,13 @@ class FederatedRun:
             ),
             gated_layers=self.spec.gated_layers,
         )
+        self.regularizer_weight = RegularizerWeight(cfg)  # λ per round
         self.history: list[dict[str, Any]] = []
         self.first_round, self.elapsed_before = 1, 0.0
         if saved is not None:
             try:
                 self.strategy.load_state_dict(saved["strategy"])
+                self.regularizer_weight = RegularizerWeight.from_checkpoint(cfg, saved)
             except (ValueError, KeyError) as error:
                 raise FederationError(
                     f"{self.checkpoint} does not fit this run: {error}"
@@ -280,7 +284,7 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ rounds
     def round_config(self, server_round: int) -> ConfigRecord:
-        weight = regularizer_weight(self.cfg, server_round)
+        weight = self.regularizer_weight(server_round)
         return ConfigRecord(
             encode_config(self.flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
         )
@@ -306,6 +310,7 @@ class FederatedRun:
             "train_loss": metrics["query-loss"],
             "train_accuracy": metrics["query-accuracy"],
             "train_flops_ratio": metrics["flops-ratio"],
+            "train_deployed_flops_ratio": metrics["deployed-flops-ratio"],
             "replies": metrics["replies"],
             "clipped": metrics["clipped"],
             "update_norm": metrics["update-norm"],
@@ -314,6 +319,7 @@ class FederatedRun:
         }
         if (noise := cfg.privacy.noise_multiplier) > 0:
             record["epsilon"] = epsilon(noise, server_round, cfg.privacy.delta)
+        self.regularizer_weight.observe(server_round, record["train_deployed_flops_ratio"])
         return record
 
     def train(self) -> None:
@@ -334,6 +340,7 @@ class FederatedRun:
             self.state = {
                 "round": server_round,
                 "strategy": self.strategy.state_dict(),
+                REGULARIZER_STATE: self.regularizer_weight.state_dict(),
                 "config": self.flat,
                 "wall_seconds": self.elapsed_before + time.monotonic() - self.started,
             }

@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from gating.federated.aggregation import weighted_mean
 from gating.federated.evaluation import report_problem, scalar_figures, summarize
 from gating.federated.protocol import (
     ARRAYS,
@@ -189,7 +190,6 @@ class MetaLearningStrategy(Strategy):
                 report.bound,
                 [f"{report.norms[i]:.3g}" for i in report.clipped],
             )
-        share = np.asarray(weights) / sum(weights)
         arrays = self.arrays()
         metrics = MetricRecord(
             {
@@ -203,7 +203,7 @@ class MetaLearningStrategy(Strategy):
             }
         )
         for key in TRAIN_METRICS:  # every usable reply has them (train_metrics_problem)
-            metrics[key] = float(np.dot(share, [float(m.content[METRICS][key]) for m in valid]))
+            metrics[key] = weighted_mean(weights, [float(m.content[METRICS][key]) for m in valid])
         return arrays, metrics
 
     def _weight(self, server_round: int, msg: Message) -> float:

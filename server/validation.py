@@ -19,6 +19,7 @@ TRAIN_METRIC_RANGES = {
     "query-loss": (0.0, math.inf),
     "query-accuracy": (0.0, 1.0),
     "flops-ratio": (0.0, 2.0),
+    "deployed-flops-ratio": (0.0, 2.0),
 }
 
 

@@ -26,10 +26,11 @@ from gating.deploy import (
     sliced_model,
 )
 from gating.export import export_run, format_report
+from gating.federated.budget import RegularizerWeight
 from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation
-from gating.federated.settings import model_for, regularizer_weight, spec_for
+from gating.federated.settings import model_for, spec_for
 from gating.meta import MetaConfig, adapt, deployed_stats, meta_gradients, task_loss
 from gating.model import (
     GatedConvNet,
@@ -474,7 +475,7 @@ def test_export_from_a_resnet_run_folder(trained_run, tmp_path):
     torch.save({"round": rounds, "strategy": {"params": params}}, run / "checkpoint.pt")
     partition = 5
     task = node_task(cfg, {"partition-id": partition, "num-partitions": 6})
-    reported = evaluate_node(cfg, task, params, rounds, regularizer_weight(cfg, rounds))
+    reported = evaluate_node(cfg, task, params, rounds, RegularizerWeight(cfg)(rounds))
     (run / "task_accuracy.json").write_text(json.dumps({str(partition): reported["accuracy"]}))
     out = tmp_path / "node.pt"
     result = export_run(run, partition, out)

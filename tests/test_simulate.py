@@ -67,7 +67,9 @@ def test_a_mistyped_or_invalid_key_fails_naming_it(tmp_path, override, named):
 @pytest.mark.ray
 def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
     run = tmp_path / "run"
-    result = simulate(tmp_path, run, *TINY, "federation.rounds=12", "federation.eval_every=6")
+    overrides = [*TINY, "federation.rounds=12", "federation.eval_every=6"]
+    # a short warm-up: λ's dual ascent moves it from round 4 on, in Flower and in the bare loop
+    result = simulate(tmp_path, run, *overrides, "gating.warmup_rounds=4")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in (
         "config.yaml",
@@ -117,6 +119,8 @@ def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
     final = torch.load(run / "checkpoint.pt", weights_only=True)["strategy"]["params"]
     for name, value in bare.items():
         torch.testing.assert_close(final[name], value, rtol=0, atol=0)
+    weights = [h["reg_weight"] for h in json.loads((run / "history.json").read_text())]
+    assert len(set(weights[4:])) == 8  # λ moved every round after the warm-up
     # A finished run is never overwritten by accident.
     again = simulate(tmp_path, run, *TINY, "federation.rounds=12")
     assert again.returncode != 0 and "resume=true" in again.stderr + again.stdout
@@ -125,6 +129,7 @@ def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
 @pytest.mark.ray
 def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     overrides = [*TINY, "federation.rounds=6", "federation.eval_every=3", "output.plots=false"]
+    overrides.append("gating.warmup_rounds=1")  # λ moves every round: it must resume too
     straight = tmp_path / "straight"
     assert simulate(tmp_path, straight, *overrides).returncode == 0
 
@@ -164,6 +169,8 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     history_a = json.loads((straight / "history.json").read_text())
     history_b = json.loads((interrupted / "history.json").read_text())
     assert [h["train_loss"] for h in history_a] == [h["train_loss"] for h in history_b]
+    weights = [h["reg_weight"] for h in history_a]
+    assert len(set(weights)) == 6 and weights == [h["reg_weight"] for h in history_b]
     tasks_a = json.loads((straight / "task_accuracy.json").read_text())
     assert len(tasks_a) == 3  # TINY's target nodes, keyed by partition id
     assert tasks_a == json.loads((interrupted / "task_accuracy.json").read_text())
@@ -180,9 +187,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     assert read_history(straight, 6)[-1]["accuracy"] == pytest.approx(
         json.loads((straight / "summary.json").read_text())["accuracy"]
     )
-    fewer = simulate(
-        tmp_path, straight, *TINY, "federation.rounds=5", "federation.eval_every=3", "resume=true"
-    )
+    fewer = simulate(tmp_path, straight, *overrides, "federation.rounds=5", "resume=true")
     assert fewer.returncode != 0 and "past federation.rounds=5" in fewer.stderr + fewer.stdout
 
     # Ctrl-C (SIGINT to the terminal's process group) stops the run within seconds, with the

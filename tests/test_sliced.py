@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 import gating.deploy.sliced as sliced_module
 from gating.deploy import SlicedGatedNet, load_model, native_available, save_model
 from gating.export import adapt_node, export_run, main
+from gating.federated.budget import CHECKPOINT_KEY
 from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation
-from gating.federated.settings import regularizer_weight
 from gating.model import GatedConvNet, GateMode, ModelSpec, NormStats, dense_macs, realized_macs
 from tests.support import tiny_fo_federation
 
@@ -214,19 +214,20 @@ def trained_run() -> tuple[object, dict[str, torch.Tensor], int]:
     channels, input-dependently, as after federated meta-training."""
     cfg = digits_config()
     rounds = 12
-    return cfg, BareFederation(cfg).train(rounds), rounds
+    federation = BareFederation(cfg)
+    return cfg, federation.train(rounds), rounds, federation.regularizer_weight
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_real_adapted_model(trained_run, backend):
-    cfg, params, rounds = trained_run
-    result = adapt_node(cfg, params, 4, rounds, backend=backend)
+    cfg, params, rounds, weight = trained_run
+    result = adapt_node(cfg, params, 4, rounds, weight(rounds), backend=backend)
     assert result.role == "target" and result.model.backend == backend
     assert result.masks_equal and result.max_logit_difference < 1e-4
     assert result.accuracy == result.masked_dense_accuracy
     assert 0.0 < result.flops_ratio < 1.0  # the adapted gates do close channels
     # the same adaptation again (same seeds) gives the same model
-    again = adapt_node(cfg, params, 4, rounds, backend=backend)
+    again = adapt_node(cfg, params, 4, rounds, weight(rounds), backend=backend)
     for name, value in result.model.params.items():
         assert torch.equal(value, again.model.params[name])
     spec = result.model.spec
@@ -238,13 +239,16 @@ def test_real_adapted_model(trained_run, backend):
 
 
 def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
-    cfg, params, rounds = trained_run
+    cfg, params, rounds, regularizer_weight = trained_run
     run = tmp_path / "run"
     run.mkdir()
     OmegaConf.save(cfg, run / "config.yaml")
-    torch.save({"round": rounds, "strategy": {"params": params}}, run / "checkpoint.pt")
-    # What the ClientApp reports for each target node at the final evaluation.
-    weight = regularizer_weight(cfg, rounds)
+    state = {CHECKPOINT_KEY: regularizer_weight.state_dict()}
+    torch.save({"round": rounds, "strategy": {"params": params}, **state}, run / "checkpoint.pt")
+    # What the ClientApp reports for each target node at the final evaluation; λ has moved
+    # from its initial value (dual ascent), so export must take it from the checkpoint.
+    weight = regularizer_weight(rounds)
+    assert weight != float(cfg.gating["lambda"])
     reported = {
         str(p): evaluate_node(
             cfg, node_task(cfg, {"partition-id": p, "num-partitions": 6}), params, rounds, weight

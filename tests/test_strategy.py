@@ -66,6 +66,7 @@ def reply(to: Message, grads: dict[str, np.ndarray], examples: float, partition:
             "query-loss": 1.0,
             "query-accuracy": 0.5,
             "flops-ratio": 0.7,
+            "deployed-flops-ratio": 0.6,
             "partition-id": partition,
         }
     )

@@ -186,10 +186,12 @@ def test_the_report_names_a_damaged_run_and_reports_the_rest(tmp_path):
 
 
 def test_a_checkpoint_of_an_earlier_version_cannot_resume_under_another_algorithm():
-    """Runs from before model.norm existed used batch statistics and trusted claims: resuming
-    them under today's defaults would change the algorithm mid-run, so it is refused by name."""
+    """Runs from before model.norm existed used batch statistics, trusted claims and kept λ
+    fixed: resuming them under today's defaults would change the algorithm mid-run, so it is
+    refused by name."""
     current = to_flat(default_config())
-    old = {k: v for k, v in current.items() if not k.startswith(("model.norm", "robust."))}
+    newer = ("model.norm", "robust.", "gating.lambda_lr")
+    old = {k: v for k, v in current.items() if not k.startswith(newer)}
     with pytest.raises(RunFolderError, match=r"model\.norm: 'batch' -> 'metabn'"):
         check_resumable(old, current)
     check_resumable(old, {**current, **LEGACY_VALUES})  # as it was run: fine

@@ -120,3 +120,10 @@ def _private_mean(
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64)
         direction[name] = (total + (std * noise).to(total.dtype)) / len(updates)
     return direction
+
+
+def weighted_mean(weights: Sequence[float], values: Sequence[float]) -> float:
+    """A round's figure over its replies, each counted by its weight in the mean update (one
+    function, so the strategy and the bare loop compute it bit for bit alike)."""
+    share = np.asarray(weights, dtype=np.float64) / sum(weights)
+    return float(np.dot(share, np.asarray(values, dtype=np.float64)))

@@ -27,7 +27,7 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_KEY = "partition-id"
 PER_ROUND_KEYS = (ROUND_KEY, REG_WEIGHT_KEY)
 #: What a training reply measured besides its example count (weighted means per round).
-TRAIN_METRICS = ("query-loss", "query-accuracy", "flops-ratio")
+TRAIN_METRICS = ("query-loss", "query-accuracy", "flops-ratio", "deployed-flops-ratio")
 
 # A flat config as a hashable key: (name, type name, value) per entry, lists as tuples. The type
 # is part of the key because 1, 1.0 and True hash alike but need not decode alike.

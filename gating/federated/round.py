@@ -18,14 +18,14 @@ from omegaconf import DictConfig
 
 from conf.choices import Weighting
 from gating.data import NodeTask
-from gating.federated.aggregation import AggregationRule
+from gating.federated.aggregation import AggregationRule, weighted_mean
+from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import node_task
 from gating.federated.server_step import Params, ServerStep
 from gating.federated.settings import (
     initial_parameters,
     learned_groups,
     model_spec,
-    regularizer_weight,
 )
 from gating.federated.updates import (
     ClientRound,
@@ -119,6 +119,7 @@ class BareFederation:
         self.spec = model_spec(cfg, self.tasks[0])
         self.step = server_step_for(cfg, initial_parameters(self.spec, cfg.seed))
         self.sampler = NodeSampler(cfg.seed)
+        self.regularizer_weight = RegularizerWeight(cfg)
 
     @property
     def params(self) -> Params:
@@ -126,7 +127,7 @@ class BareFederation:
 
     def round(self, server_round: int) -> BareRound:
         partitions = self.sampler.train(list(self.tasks), self.cfg.federation.clients_per_round)
-        weight = regularizer_weight(self.cfg, server_round)
+        weight = self.regularizer_weight(server_round)
         params = self.params
         updates, seconds = [], []
         for partition in partitions:
@@ -141,6 +142,8 @@ class BareFederation:
             expected = None
         weights = [bounded_weight(updates[i].examples, expected) for i in order]
         self.step.apply([updates[i].update for i in order], weights, server_round)
+        deployed = [updates[i].deployed_flops_ratio for i in order]
+        self.regularizer_weight.observe(server_round, weighted_mean(weights, deployed))
         return BareRound(partitions, updates, seconds, time.perf_counter() - start)
 
     def train(self, rounds: int, log: Callable[[int, BareRound], None] | None = None) -> Params:

@@ -88,15 +88,6 @@ def learned_groups(cfg: DictConfig) -> tuple[str, ...]:
     return (BACKBONE, GATE) if TRAITS[StrategyName(cfg.strategy.name)].gated else (BACKBONE,)
 
 
-def regularizer_weight(cfg: DictConfig, server_round: int) -> float:
-    """λ, warmed up linearly over ``gating.warmup_rounds`` (gates first learn the task)."""
-    if not cfg.gating.enabled:
-        return 0.0
-    warmup = max(cfg.gating.warmup_rounds, 0)
-    scale = 1.0 if warmup == 0 else min(1.0, server_round / warmup)
-    return float(cfg.gating["lambda"]) * scale
-
-
 def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
     return MetaConfig(
         order=cfg.adapt.order,

@@ -44,6 +44,9 @@ class ClientUpdate:
     loss: float  # on the client's query data, after adaptation (or local training)
     accuracy: float
     flops_ratio: float  # realized / dense MACs of those forward passes (1.0 when dense)
+    # what the deterministic gates a deployed node runs would cost on those queries; the
+    # server's budget controller reads it (1.0 when dense)
+    deployed_flops_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ def meta_gradient_update(job: ClientRound) -> ClientUpdate:
         loss=float(np.mean([s.query_loss for s in steps])),
         accuracy=float(np.mean([s.query_accuracy for s in steps])),
         flops_ratio=float(np.mean([s.flops_ratio for s in steps])),
+        deployed_flops_ratio=float(np.mean([s.deployed_flops_ratio for s in steps])),
     )
 
 

@@ -29,7 +29,9 @@ from gating.model import (
     GatedModel,
     GatedOutput,
     GateMode,
+    LayerTrace,
     active_channel_ratios,
+    deployed_flops_ratio,
     flops_ratio,
     gate_regularizer,
     group_of,
@@ -225,7 +227,8 @@ class MetaStep:
     grads: Params  # meta-gradient per parameter name (backbone.* and, when gating, gate.*)
     query_loss: float
     query_accuracy: float
-    flops_ratio: float
+    flops_ratio: float  # of the gates the query pass ran (relaxed or sampled in training)
+    deployed_flops_ratio: float  # of the deterministic gates a deployed node would run
 
 
 def meta_gradients(
@@ -253,7 +256,16 @@ def meta_gradients(
         for name, grad in zip(learnable, grads, strict=True)
     }
     correct = accuracy(out.logits, query.y)
-    return MetaStep(meta, float(loss.detach()), correct, flops_ratio(model.spec, out.trace))
+    return MetaStep(meta, float(loss.detach()), correct, *query_ratios(model, out.trace, cfg))
+
+
+def query_ratios(
+    model: GatedModel, trace: list[LayerTrace], cfg: MetaConfig
+) -> tuple[float, float]:
+    """(flops_ratio, deployed_flops_ratio) of a query pass; (1, 1) for the dense network."""
+    if not cfg.gating:
+        return 1.0, 1.0
+    return flops_ratio(model.spec, trace), deployed_flops_ratio(model.spec, trace)
 
 
 @torch.no_grad()

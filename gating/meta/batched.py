@@ -23,11 +23,12 @@ from gating.meta.adapt import (
     MetaStep,
     Params,
     accuracy,
+    query_ratios,
     stages,
     start_of_task,
     task_loss,
 )
-from gating.model import BACKBONE, GatedModel, LayerTrace, flops_ratio, group_of
+from gating.model import BACKBONE, GatedModel, LayerTrace, group_of
 
 
 def _stage(
@@ -56,13 +57,18 @@ def adapt(model: GatedModel, params: Params, support: Batch, cfg: MetaConfig) ->
 
 
 def _task_fn(model: GatedModel, learnable: list[str], cfg: MetaConfig) -> Callable[..., tuple]:
-    """One task's (meta-gradient, (query loss, query logits, gate masks)) as a pure function."""
+    """One task's (meta-gradient, (query loss, query logits, gate masks and open
+    probabilities)) as a pure function."""
     outer_reg = cfg.outer_regularized
 
     def query_loss(adapted: Params, query: Batch, support: Batch) -> tuple[Tensor, tuple]:
         loss, out = task_loss(model, adapted, query, cfg, outer_reg, support)
-        masks = [layer.mask.detach() for layer in out.trace] if cfg.gating else []
-        return loss, (loss.detach(), out.logits.detach(), masks)
+        gates = (
+            [(layer.mask.detach(), layer.prob.detach()) for layer in out.trace]
+            if cfg.gating
+            else []
+        )
+        return loss, (loss.detach(), out.logits.detach(), gates)
 
     def one_task(params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple:
         support, query = Batch(sx, sy), Batch(qx, qy)
@@ -107,12 +113,13 @@ def meta_gradients_batched(
     batched = torch.func.vmap(
         _task_fn(model, learnable, cfg), in_dims=(None, 0, 0, 0, 0), randomness="different"
     )
-    grads, (losses, logits, masks) = batched(params, *stacked)
+    grads, (losses, logits, gates) = batched(params, *stacked)
     query_y = stacked[3]
     steps = []
     for index in range(len(episodes)):
-        trace = [LayerTrace(mask=m[index], prob=None) for m in masks]
+        trace = [LayerTrace(mask=m[index], prob=p[index]) for m, p in gates]
         correct = accuracy(logits[index], query_y[index])
+        ratio, deployed = query_ratios(model, trace, cfg)
         steps.append(
             MetaStep(
                 grads={
@@ -123,7 +130,8 @@ def meta_gradients_batched(
                 },
                 query_loss=float(losses[index]),
                 query_accuracy=correct,
-                flops_ratio=flops_ratio(model.spec, trace) if cfg.gating else 1.0,
+                flops_ratio=ratio,
+                deployed_flops_ratio=deployed,
             )
         )
     return steps

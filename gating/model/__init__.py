@@ -7,6 +7,7 @@ from gating.model.layout import Channels, LayerCost, gate_shapes, norm_channels
 from gating.model.macs import (
     active_channel_ratios,
     dense_macs,
+    deployed_flops_ratio,
     expected_mac_ratio,
     flops_ratio,
     gate_macs,
@@ -44,6 +45,7 @@ __all__ = [
     "active_channel_ratios",
     "build_model",
     "dense_macs",
+    "deployed_flops_ratio",
     "expected_mac_ratio",
     "flops_ratio",
     "gate_macs",

@@ -146,6 +146,13 @@ def active_channel_ratios(trace: list[LayerTrace]) -> list[float]:
     return [1.0 if layer.mask is None else float(layer.mask.detach().mean()) for layer in trace]
 
 
+def deployed_flops_ratio(spec: ModelSpec, trace: list[LayerTrace]) -> float:
+    """The MAC ratio a deployed node's deterministic gates (``logit > 0``) would realize on
+    the pass's inputs, whatever gates the pass itself ran: what the budget is about."""
+    with torch.no_grad():
+        return float(expected_mac_ratio(spec, trace, deployed=True))
+
+
 def flops_ratio(spec: ModelSpec, trace: list[LayerTrace]) -> float:
     """Realized MACs / dense backbone MACs, averaged over the batch (1.0 when gating is off)."""
     if all(layer.mask is None for layer in trace):
