@@ -100,9 +100,9 @@ class GatingConfig:
     lambda_lr: float = 0.5
     where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
-    # Relaxed gates in training, R on the deployed gates' ratio: with them MetaGater at ρ = 0.5 is
-    # at or above dense federated MAML on digits (3 seeds) and Fashion-MNIST 5-shot (2 seeds),
-    # 1.7 points below on 1-shot (was 4.5); BENCHMARKS.md, "Fidelity".
+    # Relaxed gates in training, R on the deployed gates' ratio, λ by dual ascent: MetaGater at
+    # ρ = 0.5 is 1.1 points above dense federated MAML on digits, level on Fashion-MNIST 5-shot
+    # and 2.2 below on 1-shot (3 seeds each); BENCHMARKS.md, "Fidelity".
     train_gates: TrainGates = TrainGates.soft
     cost: GateCost = GateCost.deployed  # the MAC ratio R holds to ρ
 

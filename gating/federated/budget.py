@@ -8,6 +8,8 @@ multiplier removes that dependence: after every round the server raises λ by
 so λ grows until the gates meet the budget on any data, and no further (Gallego-Posada et al.,
 "Controlled Sparsity via Constrained Optimization", NeurIPS 2022). The ratio is the one the
 round's clients measured for the deterministic gates a deployed node runs, after adaptation.
+The gates follow λ only as fast as the server's optimizer moves them, so λ overshoots while they
+are still open and they then close quickly (BENCHMARKS.md, "Fidelity").
 """
 
 from __future__ import annotations
