@@ -169,8 +169,14 @@ def typed_config(loaded: DictConfig, path: Path) -> DictConfig:
     """The run's settings typed by the schema (enums, not strings), as the run had them."""
     from conf.schema import settings_from_flat, to_flat
 
+    absent = object()
+    written = {  # settings newer than the run are absent from its file: legacy_flat fills them
+        key: value
+        for key, value in to_flat(loaded).items()
+        if OmegaConf.select(loaded, key, default=absent) is not absent
+    }
     try:
-        return settings_from_flat(legacy_flat(to_flat(loaded)))
+        return settings_from_flat(legacy_flat(written))
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path} does not fit this version's configuration: {error}") from error
 

@@ -205,6 +205,16 @@ def test_settings_a_strategy_cannot_use_are_refused():
         validate(cfg)
 
 
+def test_an_older_run_folder_is_read_with_the_settings_it_ran_with(tmp_path):
+    """A config.yaml written before gating.lambda_lr and model.norm existed: export reads it
+    with the fixed λ and batch statistics that run used, not today's defaults."""
+    cfg = OmegaConf.to_container(default_config())
+    del cfg["gating"]["lambda_lr"], cfg["model"]["norm"]
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
+    typed = typed_config(OmegaConf.load(tmp_path / "config.yaml"), tmp_path / "config.yaml")
+    assert typed.gating.lambda_lr == 0.0 and typed.model.norm is NormKind.batch
+
+
 def test_a_run_folders_settings_are_read_typed_for_export(tmp_path):
     cfg = default_config()
     cfg.model.norm = "batch"
