@@ -125,7 +125,7 @@ def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     params = dict(best.best_params)
     assert set(params) == {"adapt.backbone_lr", "adapt.gate_lr", "meta.backbone_lr", "meta.gate_lr"}
-    assert 0.02 <= params["adapt.backbone_lr"] <= 2.0 and 1e-4 <= params["meta.gate_lr"] <= 1e-2
+    assert 0.02 <= params["adapt.backbone_lr"] <= 2.0 and 1e-4 <= params["meta.gate_lr"] <= 1e-1
     # The best value is the objective (target accuracy) of the trial that used those parameters.
     objectives = {}
     for trial in trials:
