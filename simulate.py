@@ -276,7 +276,7 @@ def sweep_job_state(cfg: DictConfig, out_dir: Path) -> dict | None:
     error: nothing is written over."""
     from omegaconf import OmegaConf, open_dict
 
-    from conf.schema import to_flat
+    from conf.schema import saved_flat, to_flat
     from server.checkpoint import CHECKPOINT_NAME, check_resumable, results_in
 
     if not results_in(out_dir):
@@ -284,7 +284,7 @@ def sweep_job_state(cfg: DictConfig, out_dir: Path) -> dict | None:
     flat = to_flat(cfg)
     saved = out_dir / "config.yaml"
     if saved.exists():
-        check_resumable(to_flat(OmegaConf.load(saved)), flat)
+        check_resumable(saved_flat(OmegaConf.load(saved)), flat)
     summary = out_dir / "summary.json"
     if summary.exists() and saved.exists():
         return json.loads(summary.read_text())

@@ -38,6 +38,7 @@ __all__ = [
     "SimulateConfig",
     "default_config",
     "legacy_flat",
+    "saved_flat",
     "settings_from_flat",
     "to_flat",
     "validate",
@@ -317,6 +318,18 @@ def flat_keys() -> list[str]:
         return [prefix[:-1]]
 
     return walk(default_config(), "")
+
+
+def saved_flat(cfg: DictConfig) -> dict[str, Any]:
+    """A saved run's config.yaml as flat settings, as that run had them: the settings newer
+    than the file are absent from it (not ""), so :func:`legacy_flat` fills them."""
+    absent = object()
+    written = {
+        key: value
+        for key, value in to_flat(cfg).items()
+        if OmegaConf.select(cfg, key, default=absent) is not absent
+    }
+    return legacy_flat(written)
 
 
 def to_flat(cfg: DictConfig) -> dict[str, Any]:

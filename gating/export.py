@@ -32,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from conf.schema import legacy_flat
+from conf.schema import saved_flat, settings_from_flat
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import node_task
@@ -167,16 +167,8 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int, f
 
 def typed_config(loaded: DictConfig, path: Path) -> DictConfig:
     """The run's settings typed by the schema (enums, not strings), as the run had them."""
-    from conf.schema import settings_from_flat, to_flat
-
-    absent = object()
-    written = {  # settings newer than the run are absent from its file: legacy_flat fills them
-        key: value
-        for key, value in to_flat(loaded).items()
-        if OmegaConf.select(loaded, key, default=absent) is not absent
-    }
     try:
-        return settings_from_flat(legacy_flat(written))
+        return settings_from_flat(saved_flat(loaded))
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path} does not fit this version's configuration: {error}") from error
 
