@@ -47,8 +47,8 @@ class MetaConfig:
     """Everything the inner loop and the meta-gradient need; sent by the server every round."""
 
     order: AdaptOrder = AdaptOrder.backbone_first
-    backbone_lr: float = 0.4  # alpha, inner step size of the backbone stage
-    gate_lr: float = 0.4  # gamma, inner step size of the gate stage
+    backbone_lr: float = 0.1  # alpha, inner step size of the backbone stage
+    gate_lr: float = 0.1  # gamma, inner step size of the gate stage
     inner_steps: int = 1  # gradient steps per stage
     first_order: bool = False
     gating: bool = True  # False: the dense backbone only (fedmeta, fedavg)
