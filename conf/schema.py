@@ -103,7 +103,7 @@ class GatingConfig:
     temperature: float = 2 / 3
     # Relaxed gates in training, R on the deployed gates' ratio, λ by dual ascent, the gates'
     # server step 1e-2 and α = γ = 0.1: MetaGater at ρ = 0.5 is level with dense federated MAML
-    # at its best α on digits, Fashion-MNIST 5-shot and 1-shot (paired, 2-3 seeds each);
+    # at its best α on digits, Fashion-MNIST 5-shot and 1-shot (paired, 3 seeds each);
     # BENCHMARKS.md, "Fidelity".
     train_gates: TrainGates = TrainGates.soft
     cost: GateCost = GateCost.deployed  # the MAC ratio R holds to ρ
