@@ -29,7 +29,7 @@ RUN = [
     "model.width=16",
     "task.queries=10",
     "output.plots=false",
-    # λ fixed and the gates' previous server step (1e-3): the test compares aggregation rules,
+    # λ fixed and the gates' previous server step (1e-3): the test compares server defences,
     # and a run whose gates close while the runs differ amplifies any difference between them.
     "gating.lambda_lr=0",
     "meta.gate_lr=1e-3",
