@@ -9,23 +9,24 @@
 Results (config.yaml, history.json, summary.json, checkpoint.pt, PNG plots) land in the Hydra
 run folder. A single run's error propagates: the exit status is non-zero. In a multirun a failed
 job writes FAILED.txt into its folder and the other jobs still run; the failed jobs are listed at
-the end and the exit status is non-zero (``analysis.runs.SweepFailures``). ``main`` returns the
+the end and the exit status is non-zero (``analysis.callbacks.SweepFolder``). ``main`` returns the
 ``sweep.objective`` of the run, which is what a sweeper such as Optuna optimizes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 # Flower reads these at import time: no telemetry, no update check, state kept in the project.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -39,23 +40,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.callbacks import folder_name, sweep_name
 from analysis.runs import clear_failure, write_failure
 from conf.schema import SimulateConfig, validate
 
 ConfigStore.instance().store(name="base_config", node=SimulateConfig)
+for resolver in (sweep_name, folder_name):  # the sweep's and its jobs' folder names
+    OmegaConf.register_new_resolver(resolver.__name__, resolver, replace=True)
 
-
-def sweep_name(overrides: list[str]) -> str:
-    """The default sweep folder's name: the command line's overrides, sorted, so that running
-    the same sweep command again finds the same folder (and continues it)."""
-    name = "_".join(sorted(str(o) for o in overrides)).replace("/", "-") or "default"
-    if len(name) > 120:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-        name = f"{name[:100]}_{digest}"
-    return name
-
-
-OmegaConf.register_new_resolver("sweep_name", sweep_name, replace=True)
 log = logging.getLogger("simulate")
 
 
@@ -136,14 +128,16 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
 
     from client.app import app as client_app
     from server.app import build_server_app
+    from server.federation import RunInterrupted
     from server.progress import ProgressReporter
 
+    stopped = threading.Event()
     # Flower appends this driver's sys.path to PYTHONPATH at every Ray start: restore it, or it
     # grows with every job of a multirun.
     pythonpath = os.environ.get("PYTHONPATH")
     try:
         run_simulation(
-            server_app=build_server_app(cfg, out_dir, ProgressReporter()),
+            server_app=build_server_app(cfg, out_dir, ProgressReporter(), stopped),
             client_app=client_app,
             num_supernodes=cfg.federation.train_nodes + cfg.federation.target_nodes,
             backend_config=backend_config(cfg),
@@ -157,6 +151,8 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = pythonpath
+    if stopped.is_set():
+        raise RunInterrupted("stopped on request")
 
 
 class _DropKnownDeprecation(logging.Filter):
@@ -259,8 +255,7 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
     except Exception as error:
         if _interrupted(error):
             raise RunInterrupted(
-                f"stopped on request; the last completed round is checkpointed in {out_dir}: "
-                f"continue with the same command plus resume=true hydra.run.dir={out_dir}"
+                f"stopped on request; the last completed round is checkpointed in {out_dir}"
             ) from None
         raise
     summary = json.loads((out_dir / "summary.json").read_text())
@@ -322,12 +317,15 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
+    continue_command(out_dir)  # remembered for the message of a second Ctrl-C
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             return run(cfg, out_dir)
-        except (Refused, RunInterrupted) as error:  # the user's to fix or to continue: no trace
+        except Refused as error:  # the user's to fix: one line, no trace
             print(f"Error: {error}", file=sys.stderr)
-            sys.exit(130 if isinstance(error, RunInterrupted) else 2)
+            sys.exit(2)
+        except RunInterrupted as error:
+            stop(f"{error}: continue with {continue_command(out_dir)}")
     clear_failure(out_dir)  # a job rerun in the folder of an earlier failure
     try:
         done = sweep_job_state(cfg, out_dir)
@@ -335,13 +333,48 @@ def main(cfg: DictConfig) -> float | None:
             log.info("job %s: complete in %s, not run again", hydra_cfg.job.num, out_dir)
             return objective(cfg, done)
         return run(cfg, out_dir)
-    except RunInterrupted:
-        raise  # Ctrl-C ends the sweep; rerunning the same command continues it
+    except RunInterrupted as error:
+        # SystemExit passes through Hydra's launcher, which would start the next job on any
+        # Exception: one Ctrl-C ends the whole sweep.
+        stop(
+            f"{error} (job {hydra_cfg.job.num}); the sweep stopped: continue it with the same "
+            f"command, which skips complete jobs and resumes this one: {continue_command(out_dir)}"
+        )
     except Exception as error:  # one failed job must not end the sweep
         log.exception("job %s failed", hydra_cfg.job.num)
         write_failure(out_dir, error)
         return None
 
 
+def continue_command(out_dir: Path | None = None) -> str:
+    """The command that continues this process's work, quoted for a POSIX shell: a sweep's own
+    command line (it skips complete jobs and resumes the others), or a single run's plus
+    ``resume=true hydra.run.dir=<its folder>``. Remembers ``out_dir`` for a later call."""
+    global _run_folder
+    _run_folder = out_dir or _run_folder
+    argv = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
+    resume: list[str] = []
+    if not {"-m", "--multirun"} & set(argv):
+        resume = ["resume=true"] + ([f"hydra.run.dir={_run_folder}"] if _run_folder else [])
+    return shlex.join(["python", Path(sys.argv[0]).name, *argv, *resume])
+
+
+_run_folder: Path | None = None  # the single run's folder, once known (for a second Ctrl-C)
+
+
+def stop(message: str) -> NoReturn:
+    """End the process after a requested stop: one line, exit status 130 (as after SIGINT)."""
+    print(f"Stopped: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was under way
+        print(
+            "Stopped at once (second Ctrl-C); the last completed round's checkpoint is intact: "
+            f"continue with {continue_command()}",
+            file=sys.stderr,
+        )
+        sys.exit(130)

@@ -1,24 +1,20 @@
 """Find and read finished (or failed) run folders: the input of every report.
 
-Also the two halves of failure handling in a multirun: :func:`write_failure` (a job records why
-it failed in its folder) and :class:`SweepFailures` (the sweep lists them at the end).
+Also a job's half of failure handling in a multirun: :func:`write_failure` records in the job's
+folder why it failed; ``analysis.callbacks.SweepFailures`` lists them at the end of the sweep.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from conf.choices import TRAITS, StrategyName
 from conf.schema import RUN_ONLY_KEYS, legacy_flat, settings_from_flat, to_flat
-from server.checkpoint import RunFolderError, check_run_folder
 from server.results import TASK_ACCURACY_FILE
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
@@ -164,53 +160,3 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
         for marker in sorted(sweep_dir.rglob(FAILURE_FILE))
         if marker.stat().st_mtime >= since
     ]
-
-
-class RunFolderGuard(Callback):
-    """Before a single run writes anything (Hydra's own launch record included): refuse a
-    folder that holds results unless ``resume=true``, and a resume that cannot work. A
-    refused start therefore changes nothing in the folder."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        folder = Path(str(config.hydra.run.dir))
-        try:
-            check_run_folder(folder, bool(config.resume), to_flat(config))
-        except RunFolderError as error:
-            # Hydra's callback runner swallows exceptions but not SystemExit; one line and
-            # exit status 2, as simulate.py ends every other refused run
-            print(f"Error: {error}", file=sys.stderr)
-            raise SystemExit(2) from error
-
-
-class SweepFailures(Callback):
-    """A multirun's start and end name its folder (and the report command); at the end, the
-    failed jobs are listed and the exit status is non-zero.
-
-    Hydra's sweepers return normally when the task function returned, which ``simulate.py``
-    does for a failed job (after writing its FAILED.txt) so that the other jobs still run. The
-    markers are found on disk, so jobs that a launcher ran in other processes count too.
-    """
-
-    def __init__(self) -> None:
-        self.started = 0.0
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.time() - 1.0  # file times may be coarser than the clock
-        print(f"sweep folder: {config.hydra.sweep.dir}", flush=True)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        print(
-            f"sweep folder: {sweep_dir}\nreport: python -m analysis.report {sweep_dir}",
-            flush=True,
-        )
-        if not sweep_dir.exists():
-            return
-        failed = failed_jobs(sweep_dir, since=self.started)
-        if not failed:
-            return
-        lines = [f"{len(failed)} job(s) of the sweep in {sweep_dir} failed:"]
-        lines += [f"  {folder.relative_to(sweep_dir)}: {reason}" for folder, reason in failed]
-        # Hydra's callback runner swallows exceptions but not SystemExit: this prints the list
-        # on stderr and exits with status 1.
-        raise SystemExit("\n".join(lines))

@@ -3,8 +3,12 @@ reports. Only translation between messages and ``gating.federated``, where the m
 
 from __future__ import annotations
 
+import os
+import sys
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import update_console_handler
 
 from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
@@ -23,6 +27,9 @@ from gating.federated.protocol import (
 from gating.federated.updates import ClientRound, client_update
 
 app = ClientApp()
+
+# Flower colours its console lines; escape codes belong on a terminal, not in pipes and log files.
+update_console_handler(colored=sys.stderr.isatty() and "NO_COLOR" not in os.environ)
 
 
 @app.query()

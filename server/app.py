@@ -12,20 +12,25 @@ to resume a run, point ``output.dir`` at its folder and set ``resume=true``.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from logging import INFO
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.common.logger import log
+from flwr.common.logger import log, update_console_handler
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.utils import get_flwr_home
 from omegaconf import DictConfig
 
 from conf.schema import settings_from_flat
-from server.federation import run_federation
+from server.federation import RunInterrupted, run_federation
 from server.progress import RoundReporter
 
 RUN_ID_PLACEHOLDER = "{run_id}"
+
+# Flower colours its console lines; escape codes belong on a terminal, not in pipes and log files.
+update_console_handler(colored=sys.stderr.isatty() and "NO_COLOR" not in os.environ)
 
 
 def resolve_output_dir(template: str, run_id: int, base: Path | None = None) -> Path:
@@ -46,13 +51,16 @@ def build_server_app(
     settings: DictConfig | None = None,
     out_dir: Path | None = None,
     reporter: RoundReporter | None = None,
+    stopped: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp running the federation with ``settings`` into ``out_dir``.
 
     Without ``settings`` they come from ``context.run_config`` (``flwr run``, deployments),
     checked against conf/schema.py: an unknown key or a bad value fails the run with an error
     naming the key. Without ``out_dir`` the folder comes from ``output.dir``
-    (:func:`resolve_output_dir`).
+    (:func:`resolve_output_dir`). With ``stopped``, a run stopped on request sets it and
+    returns instead of failing: Flower's simulation then ends at once (after a failed
+    ServerApp it waits 3 s for a context that never comes), and the caller reports the stop.
     """
     app = ServerApp()
 
@@ -64,7 +72,12 @@ def build_server_app(
         else:
             folder = resolve_output_dir(cfg.output.dir, context.run_id)
             log(INFO, "run %d: results go to %s", context.run_id, folder)
-        run_federation(grid, cfg, folder, reporter)
+        try:
+            run_federation(grid, cfg, folder, reporter)
+        except RunInterrupted:
+            if stopped is None:
+                raise
+            stopped.set()
 
     return app
 

@@ -8,12 +8,15 @@ PID afterwards.
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +62,50 @@ def test_pyproject_has_no_federations_table():
     assert "federations" not in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]
 
 
+#: What runs and sweeps leave in a project, with the commas of a sweep over lists in the names.
+RESULT_FOLDERS = (
+    "multirun/seed=0,1_strategy=metagater,fedmeta/0_seed=0,strategy=metagater",
+    "sweeps/rho,old/1_gating.target_ratio=0.3",
+    "outputs/2026-12-07/10-00-00",
+    "my results, 2026/run",
+)
+
+
+def app_with_results(tmp_path: Path) -> Path:
+    """A copy of the project holding run and sweep folders such as users leave behind."""
+    app = tmp_path / "app"
+    shutil.copytree(
+        ROOT,
+        app,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", ".flwr_home", "__pycache__", "outputs", "multirun", "docs", "*.png"
+        ),
+    )
+    for folder in RESULT_FOLDERS:
+        run = app / folder
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("seed: 0\n")
+        (run / "summary.json").write_text('{"accuracy": 0.5}\n')
+        (run / "history.jsonl").write_text('{"round": 1}\n')
+        (run / "notes.md").write_text("a run\n")
+    return app
+
+
+def test_the_app_bundle_holds_the_apps_code_and_no_results(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    fab = build_fab_from_disk(app_with_results(tmp_path))
+    with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+        names = bundle.namelist()
+    packages = {name.split("/")[0] for name in names}
+    assert packages == {"client", "conf", "gating", "server", "pyproject.toml", ".info"}
+    assert "server/app.py" in names and "client/app.py" in names
+    # Flower installs it: its manifest of "path,sha256,bits" lines parses and every hash matches.
+    installed = install_from_fab(fab, tmp_path / "apps", skip_prompt=True)
+    assert (installed / "gating" / "model" / "convnet.py").exists()
+
+
 def test_output_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert resolve_output_dir("outputs/{run_id}", 42) == tmp_path / "home" / "outputs" / "42"
@@ -91,8 +138,8 @@ class SuperLink:
         finally:
             self.processes.track()  # what the SuperLink has spawned for the command
 
-    def run(self, *args: str) -> subprocess.CompletedProcess:
-        return self.flwr("run", str(ROOT), CONNECTION, "--federation-config", FEDERATION, *args)
+    def run(self, *args: str, app: Path = ROOT) -> subprocess.CompletedProcess:
+        return self.flwr("run", str(app), CONNECTION, "--federation-config", FEDERATION, *args)
 
     def status(self, run_id: str) -> dict:
         result = self.flwr("ls", "--run-id", run_id, CONNECTION, "--format", "json", timeout=30)
@@ -158,10 +205,12 @@ def _run_id(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.ray
-def test_flwr_run(superlink):
+def test_flwr_run(superlink, tmp_path):
     # The documented command, with a run-config override; results land in $FLWR_HOME/outputs/<id>.
+    # The project holds earlier runs' and sweeps' folders (commas in their names): no matter.
     overrides = "federation.rounds=2 federation.eval_every=1"
-    result = superlink.run("--run-config", overrides, "--stream")
+    app = app_with_results(tmp_path)
+    result = superlink.run("--run-config", overrides, "--stream", app=app)
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = _run_id(result)
     run = superlink.status(run_id)

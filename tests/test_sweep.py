@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,8 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from analysis.callbacks import folder_name, hydra_quoted, sweep_name
 from analysis.report import build_rows, report
 from analysis.runs import FAILURE_FILE, find_runs, write_failure
 from conf.schema import SimulateConfig
@@ -35,11 +39,19 @@ TINY = [
 
 
 def multirun(
-    env: dict[str, str], sweep_dir: Path, *overrides: str, timeout: float = 300, **extra_env: str
+    env: dict[str, str],
+    sweep_dir: Path | None,
+    *overrides: str,
+    cwd: Path = ROOT,
+    timeout: float = 300,
+    **extra_env: str,
 ):
+    """``python simulate.py -m OVERRIDES`` in ``cwd``; without ``sweep_dir`` the sweep goes to
+    its default folder, ``multirun/<the overrides>`` under ``cwd``."""
+    where = [] if sweep_dir is None else [f"hydra.sweep.dir={sweep_dir}"]
     return subprocess.run(
-        [sys.executable, "simulate.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "simulate.py"), "-m", *overrides, *where],
+        cwd=cwd,
         env={**env, **extra_env},
         capture_output=True,
         text=True,
@@ -51,26 +63,39 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.iterdir() if p.is_dir())
 
 
+def printed_sweep_folder(result: subprocess.CompletedProcess, cwd: Path) -> Path:
+    """The one folder the sweep announced, at its start and its end alike."""
+    named = re.findall(r"^sweep folder: (.+)$", result.stdout, flags=re.MULTILINE)
+    assert len(named) == 2 and named[0] == named[1], result.stdout[-3000:]
+    return cwd / named[0]
+
+
 @pytest.mark.sweep
-def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot(
+def test_the_readme_sweep_writes_one_folder_and_its_printed_report_command_works(
     tmp_path, subprocess_env
 ):
-    sweep = tmp_path / "sweep"
-    result = multirun(subprocess_env, sweep, "strategy=metagater,fedmeta", "seed=0,1", *TINY)
+    # As the README gives it, without hydra.sweep.dir: the default folder is named by the
+    # command, and every job lands under that one folder (its name safe for Flower's manifest).
+    result = multirun(
+        subprocess_env, None, "strategy=metagater,fedmeta", "seed=0,1", *TINY, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    sweep = printed_sweep_folder(result, tmp_path)
+    assert [p.name for p in (tmp_path / "multirun").iterdir()] == [sweep.name]
+    assert "," not in sweep.name and "strategy=metagater+fedmeta" in sweep.name
     jobs = job_dirs(sweep)
     assert [j.name.split("_")[0] for j in jobs] == ["0", "1", "2", "3"]
     for job in jobs:
+        assert "," not in job.name
         for name in ("config.yaml", "history.json", "summary.json", "checkpoint.pt"):
             assert (job / name).stat().st_size > 0, (job, name)
     assert "strategy=fedmeta" in jobs[2].name and "seed=1" in jobs[3].name
 
+    (command,) = re.findall(r"^report: (.+)$", result.stdout, flags=re.MULTILINE)
+    program, *args = shlex.split(command)
+    assert program == "python" and args[:2] == ["-m", "analysis.report"]
     out = subprocess.run(
-        [sys.executable, "-m", "analysis.report", str(sweep)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     markdown = (sweep / "report.md").read_text()
@@ -83,7 +108,7 @@ def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot
         accuracies = [
             json.loads((job / "summary.json").read_text())["accuracy"]
             for job in jobs
-            if f"strategy={name}," in job.name + ","
+            if f"strategy={name}_" in job.name + "_"
         ]
         assert float(row["accuracy"]) == pytest.approx(sum(accuracies) / 2)
         for key in ("accuracy_std", "flops_ratio", "macs", "wall_seconds", "wall_seconds_std"):
@@ -94,10 +119,13 @@ def test_multirun_of_2x2_jobs_writes_4_runs_and_the_report_builds_table_and_plot
 
 @pytest.mark.sweep
 def test_a_failed_job_is_recorded_and_reported_while_the_others_complete(tmp_path, subprocess_env):
-    sweep = tmp_path / "sweep"
     # Job 0 asks for more clients per round than the federation has: it fails, job 1 still runs.
-    result = multirun(subprocess_env, sweep, "federation.clients_per_round=99,2", *TINY)
-    assert result.returncode != 0
+    # The default sweep folder: the failure is found there and listed, and the exit status is 1.
+    result = multirun(
+        subprocess_env, None, "federation.clients_per_round=99,2", *TINY, cwd=tmp_path
+    )
+    assert result.returncode == 1
+    sweep = printed_sweep_folder(result, tmp_path)
     failed, finished = job_dirs(sweep)
     assert "clients_per_round=99" in failed.name
     reason = (failed / FAILURE_FILE).read_text()
@@ -115,11 +143,19 @@ def test_a_failed_job_is_recorded_and_reported_while_the_others_complete(tmp_pat
 
 @pytest.mark.sweep
 def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path, subprocess_env):
-    sweep = tmp_path / "search"
+    # Each trial has its own sampled overrides: all the same, they land in the one folder.
     result = multirun(
-        subprocess_env, sweep, "+search=steps", "hydra.sweeper.n_trials=3", *TINY, timeout=400
+        subprocess_env,
+        None,
+        "+search=steps",
+        "hydra.sweeper.n_trials=3",
+        *TINY,
+        cwd=tmp_path,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    sweep = printed_sweep_folder(result, tmp_path)
+    assert [p.name for p in (tmp_path / "multirun").iterdir()] == [sweep.name]
     trials = job_dirs(sweep)
     assert [t.name for t in trials] == ["0", "1", "2"]
     best = OmegaConf.load(sweep / "optimization_results.yaml")
@@ -382,14 +418,73 @@ def test_an_interrupted_sweep_run_again_runs_only_what_is_missing(tmp_path, subp
     assert rows(sweep) == rows(whole)
 
 
-def test_the_default_sweep_folder_is_named_by_the_command():
-    import simulate
-
-    assert simulate.sweep_name(["seed=0,1", "strategy=metagater,fedmeta"]) == simulate.sweep_name(
-        ["strategy=metagater,fedmeta", "seed=0,1"]
+@pytest.mark.sweep
+def test_one_ctrl_c_stops_the_whole_sweep_in_one_line_and_the_same_command_continues_it(
+    tmp_path, subprocess_env
+):
+    args = ["seed=0,1,2", *TINY, "federation.rounds=60"]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "simulate.py"), "-m", *args],
+        cwd=tmp_path,
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert simulate.sweep_name(["dataset.path=/data/x.npz"]) == "dataset.path=-data-x.npz"
-    long = simulate.sweep_name([f"k{i}=" + "v" * 20 for i in range(10)])
-    assert len(long) <= 111
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("multirun/*/0_*/checkpoint.pt")):
+            assert process.poll() is None and time.monotonic() < deadline, "job 0 never began"
+            time.sleep(0.05)
+        # Ctrl-C in a terminal signals its whole process group: the driver and Ray's processes.
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err, err[-3000:]
+    (line,) = [x for x in err.splitlines() if x.startswith("Stopped: ")]
+    assert line.endswith("python simulate.py " + shlex.join(["-m", *args])), line
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    # Only job 0 ran, and it stopped between rounds: its checkpoint is whole, nothing else began.
+    (job,) = job_dirs(sweep)
+    assert job.name.startswith("0_") and not (job / "summary.json").exists()
+    stopped_at = torch.load(job / "checkpoint.pt", weights_only=True)["round"]
+    assert 1 <= stopped_at < 60
+
+    # The line's command: job 0 resumes from its checkpoint, jobs 1 and 2 run.
+    again = multirun(subprocess_env, None, *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming the job in" in again.stdout + again.stderr
+    jobs = job_dirs(sweep)
+    assert len(jobs) == 3 and all((j / "summary.json").exists() for j in jobs)
+    history = json.loads((jobs[0] / "history.json").read_text())
+    assert [h["round"] for h in history] == list(range(1, 61))
+
+
+def test_sweep_folder_names_are_stable_and_safe_for_flowers_manifest():
+    overrides = ["seed=0,1", "strategy=metagater,fedmeta"]
+    assert sweep_name(overrides) == sweep_name(overrides[::-1])
+    assert sweep_name(overrides) == "seed=0+1_strategy=metagater+fedmeta"
+    assert sweep_name(["dataset.path=/data/x.npz"]) == "dataset.path=-data-x.npz"
+    assert folder_name("+x=[1, 2]_y='a b'") == "+x=-1+-2-_y=-a-b-"
+    long = sweep_name([f"k{i}=" + "v" * 20 for i in range(10)])
+    assert len(long) <= 111 and long != sweep_name([f"k{i}=" + "v" * 21 for i in range(10)])
     config = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "config.yaml"))
     assert config["hydra"]["sweep"]["dir"] == "multirun/${sweep_name:${hydra.overrides.task}}"
+
+
+@pytest.mark.parametrize(
+    "folder", ["multirun/seed=0+1_a=b", "/tmp/it's here", "C:\\\\x\\'y\\", "a,b c=d"]
+)
+def test_the_pinned_sweep_folder_reaches_every_job_unchanged(folder):
+    # SweepFolder hands the folder to each job as an override: Hydra must parse it back intact.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides(
+        [f"hydra.sweep.dir={hydra_quoted(folder)}"]
+    )
+    assert override.value() == folder and not override.is_sweep_override()
