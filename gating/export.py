@@ -1,6 +1,6 @@
 """Export a target node's adapted gated network from a finished run as a sliced model file.
 
-    python -m gating.export RUN_DIR --partition P --out model.pt
+    python -m gating.export RUN_DIR --partition P --out model.pt [--save-queries queries.npz]
 
 It rebuilds partition P's task exactly as the ClientApp does (``gating.federated.nodes`` with the
 run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
@@ -16,6 +16,11 @@ dense network (same function, other arithmetic: they must agree), next to the ac
 reported for that node (``task_accuracy.json``), which is the same one-image-at-a-time figure,
 and the transductive accuracy (norm statistics of the whole query batch) for contrast. The last
 line is ``RESULT accuracy=<exported model, one image at a time> reported=<the run's figure>``.
+
+``--save-queries FILE.npz`` also writes those query images, so that anyone can check the model
+file on its own (:func:`save_queries`): ``x`` (N, C, H, W) float32, the model's input as is;
+``y`` (N,) int64 node-local labels, what ``logits.argmax()`` predicts; ``classes`` the global
+class id of each node-local label.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class Export:
     flops_ratio: float  # mean realized MACs / dense MACs over the query inputs
     layer_active: list[float] = field(default_factory=list)  # mean open ratio per gate
     reported: float | None = None  # the run's task_accuracy.json figure for this node
+    # the node's query set, which `accuracy` and the run's figure are computed on
+    query_x: Tensor | None = field(default=None, repr=False)  # (N, C, H, W) float32
+    query_y: Tensor | None = field(default=None, repr=False)  # (N,) node-local labels
 
     def metadata(self) -> dict[str, object]:
         return {
@@ -132,6 +140,8 @@ def adapt_node(
         masks_equal=masks_equal,
         flops_ratio=float(np.mean(ratios)),
         layer_active=[float(r) for r in np.mean(opened_all, axis=0) / gate_channels],
+        query_x=query_x,
+        query_y=query_y,
     )
 
 
@@ -181,14 +191,31 @@ def reported_accuracy(run_dir: Path, partition: int) -> float | None:
     return json.loads(path.read_text()).get(str(partition))
 
 
+def save_queries(result: Export, path: str | Path) -> None:
+    """Write the node's query set, on which ``result.accuracy`` and the run's reported figure
+    are computed, to ``path`` (exactly that name) as an npz: ``x`` (N, C, H, W) float32 images
+    ready for the model, ``y`` (N,) int64 node-local labels (logit i is label i), ``classes``
+    the global class id of each node-local label."""
+    assert result.query_x is not None and result.query_y is not None
+    with open(path, "wb") as file:  # np.savez(name) would append ".npz" to another suffix
+        np.savez(
+            file,
+            x=result.query_x.numpy().astype(np.float32, copy=False),
+            y=result.query_y.numpy().astype(np.int64, copy=False),
+            classes=np.asarray(result.classes, dtype=np.int64),
+        )
+
+
 def export_run(
     run_dir: str | Path,
     partition: int | None,
     out: str | Path | None,
     backend: str = "auto",
+    queries: str | Path | None = None,
 ) -> Export:
     """Adapt ``partition`` (default: the first target node) of a finished run and, if ``out``
-    is given, write its sliced model there."""
+    is given, write its sliced model there; if ``queries`` is given, the node's query set
+    there (:func:`save_queries`)."""
     run_dir = Path(run_dir)
     cfg, params, server_round, reg_weight = load_run(run_dir)
     if not cfg.gating.enabled:
@@ -201,6 +228,8 @@ def export_run(
     result.reported = reported_accuracy(run_dir, partition)
     if out is not None:
         save_model(result.model, out, run_dir=str(run_dir.resolve()), **result.metadata())
+    if queries is not None:
+        save_queries(result, queries)
     return result
 
 
@@ -243,15 +272,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="where to write the model file")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument(
+        "--save-queries",
+        type=Path,
+        default=None,
+        metavar="FILE.npz",
+        help="also write the node's query images (x), node-local labels (y) and their global "
+        "class ids (classes): the set the accuracies are computed on",
+    )
     args = parser.parse_args(argv)
     try:
-        result = export_run(args.run_dir, args.partition, args.out, args.backend)
+        result = export_run(
+            args.run_dir, args.partition, args.out, args.backend, queries=args.save_queries
+        )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(result))
     if args.out is not None:
         print(f"wrote {args.out}")
+    if args.save_queries is not None:
+        print(
+            f"wrote {args.save_queries} ({len(result.classes)}-way, {len(result.query_x)} queries)"
+        )
     reported = "nan" if result.reported is None else f"{result.reported:.6f}"
     print(f"RESULT accuracy={result.accuracy:.6f} reported={reported}")
     if result.accuracy != result.masked_dense_accuracy or not result.masks_equal:

@@ -2,15 +2,21 @@
 
 python -m gating.mac_table --dataset fashion_mnist --width 32 --depth 4
 python -m gating.mac_table --image-size 84 --in-channels 3      # dense only
+
+A missing or malformed dataset, or a bad argument, is one line ``Error: ...`` on stderr and exit
+status 2 (as ``simulate.py``), not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 
-from gating.data import load_dataset
+from gating.data import DatasetError, load_dataset
 from gating.model import GatedConvNet, GateMode, LayerTrace, ModelSpec
 from gating.model.macs import (
     active_counts,
@@ -59,34 +65,73 @@ def format_table(spec: ModelSpec, trace: list[LayerTrace] | None = None) -> str:
     return "\n".join(lines) + "\n(1 MAC = one multiply-add; per input)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class _Refused(Exception):
+    """An expected failure: the user's to fix, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one ``Error: ...`` line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Refused(f"{message} (see python -m gating.mac_table --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table; 0, or 2 after one ``Error: ...`` line on stderr."""
+    try:
+        table(argv)
+    except _Refused as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def table(argv: Sequence[str] | None = None) -> None:
+    parser = _Parser(prog="python -m gating.mac_table", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", help="real images to run through a fresh model (e.g. digits)")
     parser.add_argument("--path", help="dataset folder or file, where the dataset needs one")
-    parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--in-channels", type=int, default=1)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=_positive_int, default=28)
+    parser.add_argument("--in-channels", type=_positive_int, default=1)
+    parser.add_argument("--width", type=_positive_int, default=32)
+    parser.add_argument("--depth", type=_positive_int, default=4)
+    parser.add_argument("--classes", type=_positive_int, default=5)
+    parser.add_argument("--batch", type=_positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.path is not None and not args.dataset:
+        parser.error("--path needs --dataset (which dataset the path holds)")
 
     images = None
     if args.dataset:
-        data = load_dataset(args.dataset, args.path)
+        try:
+            data = load_dataset(args.dataset, args.path)
+        except DatasetError as error:  # missing, malformed: the message says what to do
+            raise _Refused(str(error)) from error
         generator = torch.Generator().manual_seed(args.seed)
         pick = torch.randperm(len(data.images), generator=generator)[: args.batch]
         images = torch.from_numpy(data.images[pick.numpy()].copy())
         channels, size, _ = data.image_shape
         args.in_channels, args.image_size = channels, size
-    spec = ModelSpec(
-        in_channels=args.in_channels,
-        image_size=args.image_size,
-        num_classes=args.classes,
-        width=args.width,
-        depth=args.depth,
-    )
+    try:
+        spec = ModelSpec(
+            in_channels=args.in_channels,
+            image_size=args.image_size,
+            num_classes=args.classes,
+            width=args.width,
+            depth=args.depth,
+        )
+    except ValueError as error:  # an impossible model
+        raise _Refused(str(error)) from error
     print(
         f"Conv-{spec.depth} width {spec.width}, input {spec.in_channels}x{spec.image_size}x"
         f"{spec.image_size}, {spec.num_classes} classes"
@@ -102,4 +147,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

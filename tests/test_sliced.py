@@ -276,6 +276,40 @@ def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
 
 
+def test_saved_queries_reproduce_the_reported_accuracy(trained_run, tmp_path, capsys):
+    """`--save-queries`: the model file and the npz alone give the run's figure for the node,
+    as the snippet of docs/deploy.md ("A node's model file") computes it."""
+    cfg, params, rounds, regularizer_weight = trained_run
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(cfg, run / "config.yaml")
+    state = {CHECKPOINT_KEY: regularizer_weight.state_dict()}
+    torch.save({"round": rounds, "strategy": {"params": params}, **state}, run / "checkpoint.pt")
+    task = node_task(cfg, {"partition-id": 5, "num-partitions": 6})
+    reported = evaluate_node(cfg, task, params, rounds, regularizer_weight(rounds))["accuracy"]
+    (run / "task_accuracy.json").write_text(json.dumps({"5": reported}))
+    model_file, queries_file = tmp_path / "node5.pt", tmp_path / "node5-queries"  # no suffix
+
+    args = [str(run), "--partition", "5", "--out", str(model_file)]
+    assert main([*args, "--save-queries", str(queries_file)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"RESULT accuracy={reported:.6f} reported={reported:.6f}"
+
+    model = load_model(model_file)
+    queries = np.load(queries_file)  # written under exactly the name given
+    assert sorted(queries.files) == ["classes", "x", "y"]
+    x, y = torch.from_numpy(queries["x"]), queries["y"]
+    assert x.dtype == torch.float32 and y.dtype == np.int64
+    assert x.shape == (cfg.task.ways * cfg.task.queries, 1, 8, 8) and y.shape == (len(x),)
+    assert sorted(set(y.tolist())) == list(range(cfg.task.ways))  # node-local labels
+    assert queries["classes"].tolist() == [int(c) for c in task.classes]
+    predicted = np.array([int(model(x[i : i + 1]).argmax()) for i in range(len(y))])
+    assert float(np.mean(predicted == y)) == reported
+    # exactly the node's fixed query episode, the one the run evaluates on
+    episode = task.fixed_episode()
+    assert torch.equal(x, episode.query_x) and np.array_equal(y, episode.query_y.numpy())
+
+
 def test_comparisons_are_rarely_skipped():
     """check_equal skips inputs with a gate logit at float distance from 0: that stays rare, so
     the equality tests above do compare (counted here on their own inputs' kind)."""
