@@ -53,6 +53,8 @@ SHORT = {
 SPREAD = ("accuracy", "flops_ratio", "macs", "wall_seconds")
 METRICS = (
     *SPREAD,
+    "input_dependent_share",
+    "node_dependent_share",
     "accuracy_before",
     "nearest_centroid_accuracy",
     "seconds_per_round",
@@ -66,6 +68,8 @@ COLUMNS = [
     ("rounds_to_reference", "rounds to reference's accuracy"),
     ("flops_ratio", "flops_ratio"),
     ("macs", "MACs / image"),
+    ("input_dependent_share", "input-dependent gates"),
+    ("node_dependent_share", "node-dependent gates"),
     ("wall_seconds", "wall s"),
     ("accuracy_before", "before adaptation"),
     ("nearest_centroid_accuracy", "nearest centroid"),

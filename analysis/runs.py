@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from conf.choices import TRAITS, StrategyName
+from conf.choices import TRAITS, GateKind, StrategyName
 from conf.schema import RUN_ONLY_KEYS, legacy_flat, settings_from_flat, to_flat
 from server.results import TASK_ACCURACY_FILE
 
@@ -44,16 +44,21 @@ def inert_keys(config: dict[str, Any]) -> set[str]:
     gating.target_ratio=0.3,0.5`` runs fedmeta twice, identically.
     """
     inert: set[str] = set()
+    name = config.get("strategy.name")
+    traits = TRAITS[StrategyName(name)] if name in set(StrategyName) else None
     if not config.get("gating.enabled", True):
         inert |= {k for k in config if k.startswith("gating.") and k != "gating.enabled"}
+        if traits is not None and traits.narrow:  # ρ sets the narrow network's width
+            inert.discard("gating.target_ratio")
         inert |= {"adapt.gate_lr", "adapt.order", "meta.gate_lr"}
         inert |= {"model.gate_hidden", "model.gate_bias"}
+    if traits is not None and traits.gates is GateKind.static:  # one value per batch
+        inert.add("gating.shaping")
     if config.get("model.arch", "conv") == "conv":  # Conv-N reads width and depth
         inert.add("model.widths")
     else:  # the ResNets read their stage widths
         inert |= {"model.width", "model.depth"}
-    name = config.get("strategy.name")
-    if name not in set(StrategyName) or not TRAITS[StrategyName(name)].reads_local:
+    if traits is None or not traits.reads_local:
         inert |= {k for k in config if k.startswith("local.")}
     return inert & set(config)
 

@@ -11,13 +11,22 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+class GateKind(StrEnum):
+    """What a gate decides from."""
+
+    conditional = "conditional"  # an MLP on the pooled layer input: per input (MetaGater)
+    static = "static"  # one learned logit per channel, no input: a learned static mask
+
+
 class StrategyName(StrEnum):
     """The federated strategies; what each client computes is registered in
     ``gating.federated.updates``, what the names imply for the config in :data:`TRAITS`."""
 
     metagater = "metagater"
     metagater_fo = "metagater_fo"
+    static_mask = "static_mask"
     fedmeta = "fedmeta"
+    fedmeta_narrow = "fedmeta_narrow"
     fedavg = "fedavg"
     perfedavg = "perfedavg"
 
@@ -35,6 +44,10 @@ class StrategyTraits:
     gated: bool  # learns gates (gating.enabled must match)
     update: UpdateKind
     first_order: bool | None = None  # a value the name fixes (meta.first_order), None if free
+    gates: GateKind = GateKind.conditional  # what the gates (if any) decide from
+    # a dense network narrowed uniformly until its MACs are at most gating.target_ratio of the
+    # configured network's: the static baseline at MetaGater's budget
+    narrow: bool = False
 
     @property
     def reads_local(self) -> bool:
@@ -45,7 +58,9 @@ class StrategyTraits:
 TRAITS: dict[StrategyName, StrategyTraits] = {
     StrategyName.metagater: StrategyTraits(True, UpdateKind.meta_gradient),
     StrategyName.metagater_fo: StrategyTraits(True, UpdateKind.meta_gradient, first_order=True),
+    StrategyName.static_mask: StrategyTraits(True, UpdateKind.meta_gradient, gates=GateKind.static),
     StrategyName.fedmeta: StrategyTraits(False, UpdateKind.meta_gradient),
+    StrategyName.fedmeta_narrow: StrategyTraits(False, UpdateKind.meta_gradient, narrow=True),
     StrategyName.fedavg: StrategyTraits(False, UpdateKind.local_sgd),
     StrategyName.perfedavg: StrategyTraits(False, UpdateKind.perfedavg_steps),
 }

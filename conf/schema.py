@@ -107,6 +107,9 @@ class GatingConfig:
     # BENCHMARKS.md, "Fidelity".
     train_gates: TrainGates = TrainGates.soft
     cost: GateCost = GateCost.deployed  # the MAC ratio R holds to ρ
+    # weight of the batch-shaping term in the query loss, which keeps each gate input-dependent
+    # (gating/model/shaping.py); 0: off
+    shaping: float = 0.0
 
 
 GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf.choices import TRAITS, Aggregation, StrategyName, Weighting
+from conf.choices import TRAITS, Aggregation, GateKind, StrategyName, Weighting
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,13 @@ CHECKS = (
     Check("gating.lambda", lambda c: c.gating["lambda"] >= 0, ">= 0 (0: no regularizer)"),
     Check("gating.warmup_rounds", lambda c: c.gating.warmup_rounds >= 0, ">= 0"),
     Check("gating.lambda_lr", lambda c: c.gating.lambda_lr >= 0, ">= 0"),
+    Check("gating.shaping", lambda c: 0 <= c.gating.shaping < math.inf, ">= 0 (0: off)"),
+    Check(
+        "gating.shaping",
+        lambda c: c.gating.shaping == 0
+        or TRAITS[StrategyName(c.strategy.name)].gates is not GateKind.static,
+        "0 for static_mask (a static gate has one value per batch: nothing to shape)",
+    ),
     Check(
         "gating.temperature",
         lambda c: math.isfinite(c.gating.temperature) and c.gating.temperature > 0,

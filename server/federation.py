@@ -37,7 +37,7 @@ from gating.federated.protocol import (
 from gating.federated.round import server_step_for
 from gating.federated.settings import initial_parameters, spec_for, task_spec
 from gating.federated.updates import expected_examples
-from gating.model import dense_macs
+from gating.model import dense_macs, gate_shapes
 from server.checkpoint import (
     CHECKPOINT_NAME,
     HISTORY_LINES,
@@ -48,7 +48,13 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.progress import RoundReporter
-from server.results import SUMMARY_KEYS, TASK_ACCURACY_FILE, plot_history, write_json
+from server.results import (
+    CONDITIONALITY_KEYS,
+    SUMMARY_KEYS,
+    TASK_ACCURACY_FILE,
+    plot_history,
+    write_json,
+)
 from server.strategy import MetaLearningStrategy
 from server.tracking import check_tracking_store, make_tracker
 from server.validation import node_problem
@@ -256,6 +262,9 @@ class FederatedRun:
                 None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
             ),
             gated_layers=self.spec.gated_layers,
+            gated_channels=sum(g.out_channels for g in gate_shapes(self.spec))
+            if cfg.gating.enabled
+            else 0,
         )
         self.regularizer_weight = RegularizerWeight(cfg)  # λ per round
         self.history: list[dict[str, Any]] = []
@@ -380,6 +389,7 @@ class FederatedRun:
             "seconds_per_round": float(np.median([h["seconds"] for h in history])),
             "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in history])),
             "layer_active": final_eval["layer_active"],
+            **{k: final_eval[k] for k in CONDITIONALITY_KEYS if k in final_eval},
             "ways": cfg.task.ways,
             "shots": cfg.task.shots,
             "seed": cfg.seed,

@@ -33,6 +33,8 @@ SUMMARY_KEYS = (
     "target_tasks",
     "wall_seconds",
 )
+#: Gated runs only (see gating.model.conditionality): 0 for both means a static mask.
+CONDITIONALITY_KEYS = ("input_dependent_share", "node_dependent_share")
 
 
 def write_json(path: Path, payload: Any) -> None:

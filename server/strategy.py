@@ -57,8 +57,9 @@ class MetaLearningStrategy(Strategy):
     expected_examples : float or None
         What an honest reply's ``num-examples`` is: larger claims count as this. None trusts
         every claim.
-    gated_layers : int
-        How many per-layer ratios a target node's ``layer-active`` lists.
+    gated_layers, gated_channels : int
+        How many per-gate ratios a target node's ``layer-active`` lists, and how many per-channel
+        frequencies its ``open-frequency`` lists (0 for a dense model).
     """
 
     def __init__(
@@ -73,10 +74,12 @@ class MetaLearningStrategy(Strategy):
         seed: int = 0,
         expected_examples: float | None = None,
         gated_layers: int = 0,
+        gated_channels: int = 0,
     ) -> None:
         self.server_step = server_step
         self.expected_examples = expected_examples
         self.layers = gated_layers
+        self.channels = gated_channels
         self.train_nodes = dict(train_nodes)
         self.target_nodes = dict(target_nodes)
         self.clients_per_round = clients_per_round
@@ -269,7 +272,7 @@ class MetaLearningStrategy(Strategy):
                     server_round,
                     msg.metadata.src_node_id,
                 )
-            elif problem := report_problem(msg.content[METRICS], self.layers):
+            elif problem := report_problem(msg.content[METRICS], self.layers, self.channels):
                 log(
                     WARNING,
                     "round %d: evaluation from node %d left out: %s",

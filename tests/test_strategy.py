@@ -215,10 +215,12 @@ def test_sampling_is_seeded_by_partition_and_state_round_trips():
 
 
 def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
-    strategy = make_strategy()
+    strategy = make_strategy(gated_channels=4)
     messages = list(strategy.configure_evaluate(3, strategy.arrays(), ConfigRecord({}), grid=None))
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(TARGET.values())
     accuracies = [0.6, 0.9]
+    # per gated channel, the share of the node's queries it opened for
+    frequencies = [[1.0, 0.5, 0.0, 1.0], [1.0, 0.25, 0.0, 0.0]]
     replies = [
         Message(
             RecordDict(
@@ -234,6 +236,7 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
                             "macs": 100.0,
                             "dense-macs": 200.0,
                             "layer-active": [1.0, 0.5],
+                            "open-frequency": frequency,
                             "nearest-centroid-accuracy": 0.7,
                             "partition-id": 4 + i,
                         }
@@ -242,7 +245,7 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
             ),
             reply_to=m,
         )
-        for i, (m, acc) in enumerate(zip(messages, accuracies, strict=True))
+        for i, (m, acc, frequency) in enumerate(zip(messages, accuracies, frequencies, strict=True))
     ]
     metrics = strategy.aggregate_evaluate(3, replies)
     assert metrics["accuracy"] == pytest.approx(0.75)
@@ -251,6 +254,9 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
     )
     assert metrics["target_tasks"] == 2
     assert strategy.last_evaluation["layer_active"] == [1.0, 0.5]
+    # one channel of four varies with the input at each node; two differ between the nodes
+    assert metrics["input_dependent_share"] == pytest.approx(0.25)
+    assert metrics["node_dependent_share"] == pytest.approx(0.5)
     # per target partition, so that runs on the same target tasks can be paired
     assert strategy.last_evaluation["task_accuracy"] == {"4": 0.6, "5": 0.9}
     mean, half = mean_ci95([1.0])

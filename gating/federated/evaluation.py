@@ -25,9 +25,11 @@ from gating.federated.settings import (
 )
 from gating.meta import Batch, evaluate_adaptation, nearest_centroid_accuracy
 from gating.model import dense_macs
+from gating.model.conditionality import input_dependent_share, node_dependent_share
 from gating.stats import mean_ci95
 
-#: The evaluation metrics a target node reports (all floats but ``layer-active``, a list).
+#: The evaluation metrics a target node reports (all floats but ``layer-active`` and
+#: ``open-frequency``, lists: per gate, and per gated channel; the latter empty when dense).
 NODE_METRICS = (
     "accuracy",
     "accuracy-transductive",
@@ -37,6 +39,7 @@ NODE_METRICS = (
     "macs",
     "dense-macs",
     "layer-active",
+    "open-frequency",
     "nearest-centroid-accuracy",
 )
 
@@ -69,6 +72,7 @@ def evaluate_node(
         "macs": after.get("macs", dense),
         "dense-macs": dense,
         "layer-active": [float(r) for r in after["layer_active"]],
+        "open-frequency": [float(f) for f in after.get("open_frequency", [])],
         "nearest-centroid-accuracy": nearest_centroid_accuracy(
             support.x, support.y, query.x, query.y
         ),
@@ -88,8 +92,9 @@ _RANGES = {
 }
 
 
-def report_problem(report: Mapping[str, Any], layers: int) -> str | None:
-    """Why a target node's report cannot be counted, or None when it is plausible."""
+def report_problem(report: Mapping[str, Any], layers: int, channels: int) -> str | None:
+    """Why a target node's report cannot be counted, or None when it is plausible: ``layers``
+    gates and ``channels`` gated channels in all (0 for a dense model)."""
     for key, (low, high) in _RANGES.items():
         value = report.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -103,6 +108,11 @@ def report_problem(report: Mapping[str, Any], layers: int) -> str | None:
         return f"layer-active must list {layers} ratios, got {active!r}"
     if not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in active):
         return f"layer-active ratios must lie in [0, 1], got {list(active)}"
+    frequency = report.get("open-frequency")
+    if not isinstance(frequency, list | tuple) or len(frequency) != channels:
+        return f"open-frequency must list {channels} frequencies, got {len(frequency or [])}"
+    if not all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in frequency):
+        return "open-frequency values must lie in [0, 1]"
     return None
 
 
@@ -127,7 +137,19 @@ def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
         "nearest_centroid_accuracy": mean("nearest-centroid-accuracy"),
         "target_tasks": len(ordered),
         "layer_active": [float(v) for v in np.mean([list(r["layer-active"]) for r in ordered], 0)],
+        **conditionality([list(r["open-frequency"]) for r in ordered]),
         "task_accuracy": {str(p): float(reports[p]["accuracy"]) for p in sorted(reports)},
+    }
+
+
+def conditionality(frequencies: list[list[float]]) -> dict[str, float]:
+    """The two conditionality figures over the target nodes' open frequencies (see
+    ``gating.model.conditionality``); none for a dense model, which has no gates."""
+    if not frequencies or not frequencies[0]:
+        return {}
+    return {
+        "input_dependent_share": input_dependent_share(frequencies),
+        "node_dependent_share": node_dependent_share(frequencies),
     }
 
 

@@ -15,7 +15,15 @@ from omegaconf import DictConfig
 from conf.choices import TRAITS, ModelArch, StrategyName
 from gating.data import DatasetError, NodeTask, TaskSpec
 from gating.meta import MetaConfig
-from gating.model import BACKBONE, GATE, GatedModel, ModelSpec, build_model, parse_widths
+from gating.model import (
+    BACKBONE,
+    GATE,
+    GatedModel,
+    ModelSpec,
+    build_model,
+    narrowed,
+    parse_widths,
+)
 
 Params = dict[str, torch.Tensor]
 
@@ -48,14 +56,17 @@ def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
 
     ``model.arch`` picks Conv-N (``model.width``, ``model.depth``) or a ResNet
     (``model.widths``, a string such as ``"32,64,128,256"``; empty: the architecture's default).
+    The strategy's name decides the gates' kind, and narrows the network for ``fedmeta_narrow``
+    (to ``gating.target_ratio`` of the configured network's MACs).
     """
     arch = ModelArch(cfg.model.get("arch", ModelArch.conv))
     widths = cfg.model.get("widths") or ""
+    traits = TRAITS[StrategyName(cfg.strategy.name)]
     # Conv-N keeps its own keys; the ResNets' width and depth fields stay at their (unused)
     # defaults, so that equal networks have equal specs (model_for caches by spec).
     conv = {"width": cfg.model.width, "depth": cfg.model.depth} if arch is ModelArch.conv else {}
     try:
-        return ModelSpec(
+        spec = ModelSpec(
             in_channels=channels,
             image_size=image_size,
             num_classes=cfg.task.ways,
@@ -63,10 +74,12 @@ def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
             gate_bias=cfg.model.gate_bias,
             arch=arch,
             widths=parse_widths(widths),
+            gates=traits.gates,
             **conv,
         )
     except ValueError as error:
         raise ValueError(f"model.arch={arch.value} model.widths={widths!r}: {error}") from error
+    return narrowed(spec, cfg.gating.target_ratio) if traits.narrow else spec
 
 
 @lru_cache(maxsize=16)
@@ -99,6 +112,7 @@ def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
         gating=cfg.gating.enabled,
         target_ratio=cfg.gating.target_ratio,
         reg_weight=reg_weight,
+        shaping=cfg.gating.shaping,
         reg_where=cfg.gating.where,
         temperature=cfg.gating.temperature,
         train_gates=cfg.gating.train_gates,

@@ -1,9 +1,10 @@
-"""A sampled client's half of a round, one function per strategy (the registry below).
+"""A sampled client's half of a round, one function per kind of update (the registry below).
 
 Each function takes the round's meta-initialization and the node's task and returns the
 direction the server averages, the example count it is weighted by and what the client saw.
-The ClientApp, the bare benchmark loop and the tests all call :func:`client_update`; adding a
-strategy is a name in ``conf.choices`` and one function here.
+The ClientApp, the bare benchmark loop and the tests all call :func:`client_update`; a strategy's
+``conf.choices.TRAITS`` entry says which kind of update it sends, so a strategy that sends an
+existing kind needs no code here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from conf.choices import TRAITS, StrategyName
+from conf.choices import TRAITS, StrategyName, UpdateKind
 from gating.data import NodeTask
 from gating.federated.settings import (
     episode_rng,
@@ -167,15 +168,13 @@ def expected_examples(cfg: DictConfig) -> int:
     return cfg.task.tasks_per_client * cfg.task.ways * cfg.task.queries
 
 
-CLIENT_UPDATES: dict[StrategyName, Callable[[ClientRound], ClientUpdate]] = {
-    StrategyName.metagater: meta_gradient_update,
-    StrategyName.metagater_fo: meta_gradient_update,
-    StrategyName.fedmeta: meta_gradient_update,
-    StrategyName.fedavg: fedavg_client_update,
-    StrategyName.perfedavg: perfedavg_client_update,
+CLIENT_UPDATES: dict[UpdateKind, Callable[[ClientRound], ClientUpdate]] = {
+    UpdateKind.meta_gradient: meta_gradient_update,
+    UpdateKind.local_sgd: fedavg_client_update,
+    UpdateKind.perfedavg_steps: perfedavg_client_update,
 }
 
 
 def client_update(job: ClientRound) -> ClientUpdate:
-    """The update of ``job.cfg.strategy.name`` (see :data:`CLIENT_UPDATES`)."""
-    return CLIENT_UPDATES[StrategyName(job.cfg.strategy.name)](job)
+    """The update that ``job.cfg.strategy.name`` sends (its ``conf.choices.TRAITS`` entry)."""
+    return CLIENT_UPDATES[TRAITS[StrategyName(job.cfg.strategy.name)].update](job)

@@ -37,7 +37,9 @@ from gating.model import (
     group_of,
     realized_macs,
 )
+from gating.model.conditionality import open_frequencies
 from gating.model.norm import BATCH, NormStats
+from gating.model.shaping import batch_shaping_loss
 
 Params = dict[str, Tensor]
 
@@ -54,6 +56,7 @@ class MetaConfig:
     gating: bool = True  # False: the dense backbone only (fedmeta, fedavg)
     target_ratio: float = 0.5  # rho
     reg_weight: float = 0.0  # lambda for this round (the server applies the warm-up)
+    shaping: float = 0.0  # weight of the batch-shaping term in the query loss (0: off)
     reg_where: RegularizerWhere = RegularizerWhere.both
     temperature: float = 2 / 3
     train_gates: TrainGates = TrainGates.soft  # during adaptation and the query loss
@@ -139,8 +142,10 @@ def task_loss(
     cfg: MetaConfig,
     regularize: bool,
     support: Batch | None = None,
+    shape: bool = False,
 ) -> tuple[Tensor, GatedOutput]:
-    """L = CE + lambda * R, R from the soft gate probabilities (only where gating is on).
+    """L = CE + lambda * R, R from the soft gate probabilities (only where gating is on), plus
+    with ``shape`` the batch-shaping term on the batch's gate probabilities (the query loss).
     ``support``: the node's support set, whose statistics the norms take (``metabn``)."""
     support_x = None if support is None else support.x
     out = query_forward(model, params, batch.x, cfg.train_mode, cfg, support_x)
@@ -149,6 +154,8 @@ def task_loss(
         deployed = cfg.cost is GateCost.deployed
         penalty = gate_regularizer(model.spec, out.trace, cfg.target_ratio, deployed)
         loss = loss + cfg.reg_weight * penalty
+    if cfg.gating and shape and cfg.shaping > 0:
+        loss = loss + cfg.shaping * batch_shaping_loss(out.trace)
     return loss, out
 
 
@@ -247,7 +254,7 @@ def meta_gradients(
         wrt = adapted
     else:
         wrt = params
-    loss, out = task_loss(model, adapted, query, cfg, cfg.outer_regularized, support)
+    loss, out = task_loss(model, adapted, query, cfg, cfg.outer_regularized, support, shape=True)
     grads = torch.autograd.grad(loss, [wrt[n] for n in learnable], allow_unused=True)
     meta = {
         name: torch.zeros_like(params[name])
@@ -308,6 +315,7 @@ def _evaluate(
     }
     if cfg.gating:
         metrics["macs"] = float(realized_macs(model.spec, out.trace).mean())
+        metrics["open_frequency"] = open_frequencies(out.trace).tolist()
     return metrics
 
 

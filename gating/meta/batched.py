@@ -62,7 +62,7 @@ def _task_fn(model: GatedModel, learnable: list[str], cfg: MetaConfig) -> Callab
     outer_reg = cfg.outer_regularized
 
     def query_loss(adapted: Params, query: Batch, support: Batch) -> tuple[Tensor, tuple]:
-        loss, out = task_loss(model, adapted, query, cfg, outer_reg, support)
+        loss, out = task_loss(model, adapted, query, cfg, outer_reg, support, shape=True)
         gates = (
             [(layer.mask.detach(), layer.prob.detach()) for layer in out.trace]
             if cfg.gating

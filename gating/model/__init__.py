@@ -14,6 +14,7 @@ from gating.model.macs import (
     gate_regularizer,
     layer_costs,
     macs_of_masks,
+    narrowed,
     realized_macs,
 )
 from gating.model.norm import NormStats
@@ -54,6 +55,7 @@ __all__ = [
     "group_of",
     "layer_costs",
     "macs_of_masks",
+    "narrowed",
     "norm_channels",
     "parameter_groups",
     "parse_widths",

@@ -7,7 +7,7 @@ import itertools
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gating.model.gates import ChannelGate, GateMode, gate_values
+from gating.model.gates import GateMode, gate_values, make_gate
 from gating.model.norm import BATCH, NormStats, StatNorm
 from gating.model.spec import GatedOutput, LayerTrace, ModelSpec
 
@@ -55,7 +55,7 @@ class GatedConvNet(nn.Module):
         self.backbone = Backbone(spec)
         channels = [spec.in_channels] + [spec.width] * spec.depth
         self.gate = nn.ModuleList(
-            ChannelGate(c_in, c_out, spec.gate_hidden, spec.gate_bias)
+            make_gate(spec.gates, c_in, c_out, spec.gate_hidden, spec.gate_bias)
             for c_in, c_out in itertools.pairwise(channels)
         )
 

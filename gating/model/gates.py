@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conf.choices import GateKind
+
 
 class GateMode(StrEnum):
     """How gates act in a forward pass."""
@@ -36,6 +38,34 @@ class ChannelGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
+
+
+class StaticGate(nn.Module):
+    """A learned static mask: the gate MLP of :class:`ChannelGate` fed a constant instead of
+    the layer's input, so every input gets the same decision. The baseline that isolates what
+    input-conditional gates add: same parameters per channel (an fc2 row and bias over a
+    learned hidden code), same initialization, meta-learned and adapted as they are.
+
+    At a deployed node it is a fixed mask (its cost: nothing per input); it folds into a
+    :class:`ChannelGate` with zero fc1 weights (:func:`as_conditional`)."""
+
+    def __init__(self, out_channels: int, hidden: int, bias: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(1, hidden)
+        self.fc2 = nn.Linear(hidden, out_channels)
+        nn.init.constant_(self.fc2.bias, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x.new_ones(x.shape[0], 1))))
+
+
+def make_gate(
+    kind: GateKind, in_channels: int, out_channels: int, hidden: int, bias: float
+) -> nn.Module:
+    """The gate of ``kind`` for a layer (block) with these channels."""
+    if GateKind(kind) is GateKind.static:
+        return StaticGate(out_channels, hidden, bias)
+    return ChannelGate(in_channels, out_channels, hidden, bias)
 
 
 def gate_values(logits: Tensor, mode: GateMode, temperature: float) -> Tensor:

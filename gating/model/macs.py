@@ -15,10 +15,12 @@ differentiable expected ratio of the regularizer and ``flops_ratio``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
+from conf.choices import GateKind
 from gating.model.layout import Channels, LayerCost, gate_shapes, layer_costs
 from gating.model.spec import LayerTrace, ModelSpec
 
@@ -34,6 +36,7 @@ __all__ = [
     "layer_costs",
     "macs_of_masks",
     "macs_per_layer",
+    "narrowed",
     "realized_macs",
 ]
 
@@ -46,8 +49,30 @@ def dense_macs(spec: ModelSpec) -> int:
     return sum(cost.dense_macs for cost in layer_costs(spec))
 
 
+def narrowed(spec: ModelSpec, share: float) -> ModelSpec:
+    """The widest uniformly narrower copy of ``spec`` whose dense MACs are at most ``share`` of
+    its own: the plain network a gated one at MAC ratio ``share`` must beat. Conv-N narrows its
+    one width; a ResNet scales every stage width by the same factor (rounded)."""
+    budget = share * dense_macs(spec)
+    if spec.is_resnet:
+        first = spec.widths[0]
+        candidates = [
+            replace(spec, widths=tuple(max(1, round(w * k / first)) for w in spec.widths))
+            for k in range(first, 0, -1)
+        ]
+    else:
+        candidates = [replace(spec, width=w) for w in range(spec.width, 0, -1)]
+    for candidate in candidates:
+        if dense_macs(candidate) <= budget:
+            return candidate
+    raise ValueError(f"no narrower {spec.describe()} has at most {share} of its MACs")
+
+
 def gate_macs(spec: ModelSpec) -> int:
-    """The gate MLPs' own cost per input (always paid in full when gating is on)."""
+    """The gate MLPs' own cost per input (always paid in full when gating is on); a static
+    mask has no MLP and costs nothing."""
+    if spec.gates is GateKind.static:
+        return 0
     return sum(spec.gate_hidden * (g.in_channels + g.out_channels) for g in gate_shapes(spec))
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conf.choices import ModelArch
-from gating.model.gates import ChannelGate, GateMode, gate_values
+from gating.model.gates import GateMode, gate_values, make_gate
 from gating.model.layout import gate_shapes, has_projection, resnet_blocks
 from gating.model.norm import BATCH, NormStats, StatNorm
 from gating.model.spec import GatedOutput, LayerTrace, ModelSpec
@@ -142,7 +142,9 @@ class GatedResNet(nn.Module):
         self.spec = spec
         self.backbone = ResNetBackbone(spec)
         self.gate = nn.ModuleList(
-            ChannelGate(shape.in_channels, shape.out_channels, spec.gate_hidden, spec.gate_bias)
+            make_gate(
+                spec.gates, shape.in_channels, shape.out_channels, spec.gate_hidden, spec.gate_bias
+            )
             for shape in gate_shapes(spec)
         )
 

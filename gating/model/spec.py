@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from conf.choices import ModelArch
+from conf.choices import GateKind, ModelArch
 
 BACKBONE = "backbone"
 GATE = "gate"
@@ -79,6 +79,9 @@ class ModelSpec:
     widths
         ResNets only: the channels of the four residual stages; empty means
         :data:`DEFAULT_WIDTHS` of the architecture. Conv-N takes ``width`` and ``depth``.
+    gates
+        ``conditional`` (an MLP per gate on its pooled input: a decision per input) or
+        ``static`` (one learned logit per channel: the same decision for every input).
     """
 
     in_channels: int = 1
@@ -91,6 +94,7 @@ class ModelSpec:
     kernel_size: int = 3
     arch: ModelArch = ModelArch.conv
     widths: tuple[int, ...] = field(default=())
+    gates: GateKind = GateKind.conditional
 
     def __post_init__(self) -> None:
         for name in ("in_channels", "image_size", "num_classes", "width", "depth", "gate_hidden"):
@@ -116,6 +120,7 @@ class ModelSpec:
                     f"{arch.value} needs {RESNET_STAGES} stage widths >= 1, got {widths}"
                 )
         object.__setattr__(self, "arch", arch)  # normalized, so equal specs hash alike
+        object.__setattr__(self, "gates", GateKind(self.gates))
         object.__setattr__(self, "widths", widths)
 
     @property
@@ -124,9 +129,13 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only (a ``weights_only`` torch file can hold them). A Conv-N
-        spec leaves ``arch`` and ``widths`` out: its dict is the one written before the ResNets
-        existed, which older readers still load."""
+        spec leaves ``arch`` and ``widths`` out, conditional gates ``gates``: its dict is the one
+        written before the ResNets and static gates existed, which older readers still load."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.gates is GateKind.static:
+            out["gates"] = self.gates.value
+        else:  # as written before static gates existed
+            del out["gates"]
         if self.is_resnet:
             out["arch"] = self.arch.value
             out["widths"] = list(self.widths)
