@@ -110,6 +110,7 @@ class GatingConfig:
     # weight of the batch-shaping term in the query loss, which keeps each gate input-dependent
     # (gating/model/shaping.py); 0: off
     shaping: float = 0.0
+    shaping_rounds: int = 0  # the weight decays linearly to 0 over these rounds; 0: constant
 
 
 GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)

@@ -70,6 +70,7 @@ CHECKS = (
     Check("gating.warmup_rounds", lambda c: c.gating.warmup_rounds >= 0, ">= 0"),
     Check("gating.lambda_lr", lambda c: c.gating.lambda_lr >= 0, ">= 0"),
     Check("gating.shaping", lambda c: 0 <= c.gating.shaping < math.inf, ">= 0 (0: off)"),
+    Check("gating.shaping_rounds", lambda c: c.gating.shaping_rounds >= 0, ">= 0 (0: constant)"),
     Check(
         "gating.shaping",
         lambda c: c.gating.shaping == 0

@@ -37,7 +37,7 @@ from gating.federated.protocol import (
 from gating.federated.round import server_step_for
 from gating.federated.settings import initial_parameters, spec_for, task_spec
 from gating.federated.updates import expected_examples
-from gating.model import dense_macs, gate_shapes
+from gating.model import gate_shapes
 from server.checkpoint import (
     CHECKPOINT_NAME,
     HISTORY_LINES,
@@ -384,7 +384,6 @@ class FederatedRun:
             "dataset": str(cfg.dataset.name),
             "rounds": fed.rounds,
             **{k: final_eval[k] for k in SUMMARY_KEYS if k in final_eval},
-            "dense_macs": dense_macs(self.spec),
             "wall_seconds": self.elapsed_before + time.monotonic() - self.started,
             "seconds_per_round": float(np.median([h["seconds"] for h in history])),
             "bytes_per_client_round": float(np.mean([h["bytes_per_client"] for h in history])),

@@ -62,14 +62,16 @@ def evaluate_node(
     seed_torch(cfg.seed, task.partition_id, server_round, 1)
     result = evaluate_adaptation(model, initial, support, query, meta_config(cfg, reg_weight))
     after, before = result["after"], result["before"]
-    dense = float(dense_macs(spec))
+    # MACs relative to the configured network: a narrowed one (fedmeta_narrow) pays less
+    dense = float(dense_macs(model_spec(cfg, task, narrow=False)))
+    macs = after.get("macs", float(dense_macs(spec)))
     return {
         "accuracy": after["accuracy"],
         "accuracy-transductive": after["accuracy_transductive"],
         "accuracy-before": before["accuracy"],
         "loss": after["loss"],
-        "flops-ratio": after["flops_ratio"],
-        "macs": after.get("macs", dense),
+        "flops-ratio": macs / dense,
+        "macs": macs,
         "dense-macs": dense,
         "layer-active": [float(r) for r in after["layer_active"]],
         "open-frequency": [float(f) for f in after.get("open_frequency", [])],

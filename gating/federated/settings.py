@@ -41,23 +41,24 @@ def task_spec(cfg: DictConfig) -> TaskSpec:
     )
 
 
-def model_spec(cfg: DictConfig, task: NodeTask) -> ModelSpec:
+def model_spec(cfg: DictConfig, task: NodeTask, narrow: bool = True) -> ModelSpec:
     channels, height, width = task.images.shape[1:]
     if height != width:
         raise DatasetError(
             f"the models take square images, the data has {height}x{width}: crop or pad them, "
             "or set dataset.image_size to resize them"
         )
-    return spec_for(cfg, int(channels), int(height))
+    return spec_for(cfg, int(channels), int(height), narrow)
 
 
-def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
+def spec_for(cfg: DictConfig, channels: int, image_size: int, narrow: bool = True) -> ModelSpec:
     """The model every node and the server build for this run and this image shape.
 
     ``model.arch`` picks Conv-N (``model.width``, ``model.depth``) or a ResNet
     (``model.widths``, a string such as ``"32,64,128,256"``; empty: the architecture's default).
     The strategy's name decides the gates' kind, and narrows the network for ``fedmeta_narrow``
-    (to ``gating.target_ratio`` of the configured network's MACs).
+    (to ``gating.target_ratio`` of the configured network's MACs; ``narrow=False``: the
+    configured network, which its MAC ratio is relative to).
     """
     arch = ModelArch(cfg.model.get("arch", ModelArch.conv))
     widths = cfg.model.get("widths") or ""
@@ -79,7 +80,7 @@ def spec_for(cfg: DictConfig, channels: int, image_size: int) -> ModelSpec:
         )
     except ValueError as error:
         raise ValueError(f"model.arch={arch.value} model.widths={widths!r}: {error}") from error
-    return narrowed(spec, cfg.gating.target_ratio) if traits.narrow else spec
+    return narrowed(spec, cfg.gating.target_ratio) if traits.narrow and narrow else spec
 
 
 @lru_cache(maxsize=16)
@@ -101,7 +102,17 @@ def learned_groups(cfg: DictConfig) -> tuple[str, ...]:
     return (BACKBONE, GATE) if TRAITS[StrategyName(cfg.strategy.name)].gated else (BACKBONE,)
 
 
-def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
+def shaping_weight(cfg: DictConfig, server_round: int) -> float:
+    """The batch-shaping weight of round ``server_round``: ``gating.shaping``, decaying linearly
+    to 0 over the first ``gating.shaping_rounds`` rounds (0: constant)."""
+    weight, rounds = float(cfg.gating.shaping), int(cfg.gating.shaping_rounds)
+    if rounds <= 0:
+        return weight
+    return weight * max(0.0, 1.0 - (server_round - 1) / rounds)
+
+
+def meta_config(cfg: DictConfig, reg_weight: float, server_round: int = 0) -> MetaConfig:
+    """The inner loop's settings for a round (λ and the batch-shaping weight are per round)."""
     return MetaConfig(
         order=cfg.adapt.order,
         backbone_lr=cfg.adapt.backbone_lr,
@@ -112,7 +123,7 @@ def meta_config(cfg: DictConfig, reg_weight: float) -> MetaConfig:
         gating=cfg.gating.enabled,
         target_ratio=cfg.gating.target_ratio,
         reg_weight=reg_weight,
-        shaping=cfg.gating.shaping,
+        shaping=shaping_weight(cfg, server_round),
         reg_where=cfg.gating.where,
         temperature=cfg.gating.temperature,
         train_gates=cfg.gating.train_gates,

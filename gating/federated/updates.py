@@ -97,7 +97,7 @@ def meta_gradient_update(job: ClientRound) -> ClientUpdate:
     (one vmapped computation with ``task.batched``)."""
     cfg, spec = job.cfg, job.task.spec
     model = model_for(model_spec(cfg, job.task))
-    meta_cfg = meta_config(cfg, job.reg_weight)
+    meta_cfg = meta_config(cfg, job.reg_weight, job.server_round)
     draw = job.episodes()
     initial = job.initial()
     episodes = [draw() for _ in range(cfg.task.tasks_per_client)]

@@ -47,7 +47,7 @@ class StaticGate(nn.Module):
     learned hidden code), same initialization, meta-learned and adapted as they are.
 
     At a deployed node it is a fixed mask (its cost: nothing per input); it folds into a
-    :class:`ChannelGate` with zero fc1 weights (:func:`as_conditional`)."""
+    :class:`ChannelGate` with zero fc1 weights (``gating.deploy.factory.as_conditional``)."""
 
     def __init__(self, out_channels: int, hidden: int, bias: float) -> None:
         super().__init__()
