@@ -73,8 +73,10 @@ CHECKS = (
     Check("gating.shaping_rounds", lambda c: c.gating.shaping_rounds >= 0, ">= 0 (0: constant)"),
     Check(
         "gating.shaping",
-        lambda c: c.gating.shaping == 0
-        or TRAITS[StrategyName(c.strategy.name)].gates is not GateKind.static,
+        lambda c: (
+            c.gating.shaping == 0
+            or TRAITS[StrategyName(c.strategy.name)].gates is not GateKind.static
+        ),
         "0 for static_mask (a static gate has one value per batch: nothing to shape)",
     ),
     Check(
