@@ -38,9 +38,9 @@ def open_matrix(
     node = adapt_node(cfg, params, partition, server_round, reg_weight)
     assert node.query_x is not None and node.query_y is not None
     labels = node.query_y.numpy()
-    per_class = -(-inputs // len(node.classes))  # the first inputs of every class, in turn
-    order = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
-    order = order[:inputs]
+    rank = np.array([int(np.sum(labels[:i] == labels[i])) for i in range(len(labels))])
+    picked = np.lexsort((labels, rank))[:inputs]  # each class's first input, then its second...
+    order = picked[np.lexsort((rank[picked], labels[picked]))]  # shown grouped by class
     channels = [shape.out_channels for shape in gate_shapes(node.model.spec)]
     rows = []
     for index in order:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,24 +239,32 @@ def test_real_adapted_model(trained_run, backend):
         check_equal(module, result.model, x[i : i + 1])
 
 
-def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
+def run_folder(trained_run, folder: Path) -> dict[str, float]:
+    """``trained_run`` written as a run of simulate.py (config, checkpoint, task_accuracy.json
+    with what the ClientApps report for target nodes 4 and 5 at the final evaluation)."""
     cfg, params, rounds, regularizer_weight = trained_run
-    run = tmp_path / "run"
-    run.mkdir()
-    OmegaConf.save(cfg, run / "config.yaml")
+    folder.mkdir()
+    OmegaConf.save(cfg, folder / "config.yaml")
     state = {CHECKPOINT_KEY: regularizer_weight.state_dict()}
-    torch.save({"round": rounds, "strategy": {"params": params}, **state}, run / "checkpoint.pt")
-    # What the ClientApp reports for each target node at the final evaluation; λ has moved
-    # from its initial value (dual ascent), so export must take it from the checkpoint.
+    torch.save({"round": rounds, "strategy": {"params": params}, **state}, folder / "checkpoint.pt")
     weight = regularizer_weight(rounds)
-    assert weight != float(cfg.gating["lambda"])
     reported = {
         str(p): evaluate_node(
             cfg, node_task(cfg, {"partition-id": p, "num-partitions": 6}), params, rounds, weight
         )["accuracy"]
         for p in (4, 5)
     }
-    (run / "task_accuracy.json").write_text(json.dumps(reported))
+    (folder / "task_accuracy.json").write_text(json.dumps(reported))
+    return reported
+
+
+def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
+    cfg, _, rounds, regularizer_weight = trained_run
+    run = tmp_path / "run"
+    reported = run_folder(trained_run, run)
+    # λ has moved from its initial value (dual ascent), so export must take it from the
+    # checkpoint to adapt as the ClientApp did.
+    assert regularizer_weight(rounds) != float(cfg.gating["lambda"])
     out = tmp_path / "node5.pt"
     result = export_run(run, 5, out)
     assert result.accuracy == result.reported == reported["5"]
@@ -279,15 +288,10 @@ def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
 def test_saved_queries_reproduce_the_reported_accuracy(trained_run, tmp_path, capsys):
     """`--save-queries`: the model file and the npz alone give the run's figure for the node,
     as the snippet of docs/deploy.md ("A node's model file") computes it."""
-    cfg, params, rounds, regularizer_weight = trained_run
+    cfg = trained_run[0]
     run = tmp_path / "run"
-    run.mkdir()
-    OmegaConf.save(cfg, run / "config.yaml")
-    state = {CHECKPOINT_KEY: regularizer_weight.state_dict()}
-    torch.save({"round": rounds, "strategy": {"params": params}, **state}, run / "checkpoint.pt")
+    reported = run_folder(trained_run, run)["5"]
     task = node_task(cfg, {"partition-id": 5, "num-partitions": 6})
-    reported = evaluate_node(cfg, task, params, rounds, regularizer_weight(rounds))["accuracy"]
-    (run / "task_accuracy.json").write_text(json.dumps({"5": reported}))
     model_file, queries_file = tmp_path / "node5.pt", tmp_path / "node5-queries"  # no suffix
 
     args = [str(run), "--partition", "5", "--out", str(model_file)]
@@ -308,6 +312,23 @@ def test_saved_queries_reproduce_the_reported_accuracy(trained_run, tmp_path, ca
     # exactly the node's fixed query episode, the one the run evaluates on
     episode = task.fixed_episode()
     assert torch.equal(x, episode.query_x) and np.array_equal(y, episode.query_y.numpy())
+
+
+def test_gate_map_draws_what_each_node_opens_per_input(trained_run, tmp_path, capsys):
+    from analysis.gate_map import main as gate_map
+    from analysis.gate_map import open_matrix
+
+    run = tmp_path / "run"
+    run_folder(trained_run, run)
+    matrix, classes, channels = open_matrix(run, 5, inputs=6)
+    assert matrix.shape == (6, sum(channels)) and set(np.unique(matrix)) <= {0.0, 1.0}
+    assert len(set(classes)) == trained_run[0].task.ways  # inputs of every class, in turn
+    assert 0 < matrix.mean() < 1  # the trained gates close some channels, not all
+    out = tmp_path / "map.png"
+    assert gate_map([str(run), "--partitions", "4", "5", "--inputs", "6", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT node4_varying=")
+    assert gate_map([str(tmp_path / "missing"), "--partitions", "4"]) == 2
 
 
 def test_comparisons_are_rarely_skipped():
