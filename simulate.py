@@ -27,12 +27,18 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
+from unittest import mock
 
 # Flower reads these at import time: no telemetry, no update check, state kept in the project.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_HOME", str(Path(__file__).resolve().parent / ".flwr_home"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray's C++ core dumps a stack on SIGTERM and aborts the process (exit status 134) after the
+# run's own handler has stopped it cleanly.
+os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+if not sys.stderr.isatty() or "NO_COLOR" in os.environ:  # escape codes only on a terminal
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -128,7 +134,7 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
 
     from client.app import app as client_app
     from server.app import build_server_app
-    from server.federation import RunInterrupted
+    from server.federation import STOP_REQUESTED, RunInterrupted
     from server.progress import ProgressReporter
 
     stopped = threading.Event()
@@ -142,6 +148,11 @@ def simulate(cfg: DictConfig, out_dir: Path) -> None:
             num_supernodes=cfg.federation.train_nodes + cfg.federation.target_nodes,
             backend_config=backend_config(cfg),
         )
+    except BaseException:
+        # Flower's runtime may end (Ray failed to start, a second Ctrl-C) while the ServerApp's
+        # thread, which the interpreter waits for at exit, still waits for nodes: stop it too.
+        STOP_REQUESTED.set()
+        raise
     finally:
         # Flower's Ray backend shuts Ray down when it ends, but not when it fails before it was
         # built: the next job of a multirun would then reuse this Ray, with this job's ray.*
@@ -184,14 +195,15 @@ def quiet_start_up() -> None:
     ]
 
 
-def preflight(cfg: DictConfig) -> None:
+def preflight(cfg: DictConfig, out_dir: Path) -> None:
     """Fail in one clear line, before Ray starts, when the run cannot work: a device that is
     not here, an MLflow server that does not answer, a missing or malformed dataset, too few
-    classes for ``task.ways``, too few samples per class, images the model cannot take. Every
-    node checks both roles' classes, so building one training and one target node here finds
-    what every node would."""
+    classes for ``task.ways``, too few samples per class, images the model cannot take, a
+    checkpoint to resume from that holds another network. Every node checks both roles'
+    classes, so building one training and one target node here finds what every node would."""
     from gating.federated.nodes import node_task
-    from gating.federated.settings import model_spec
+    from gating.federated.settings import initial_parameters, model_spec
+    from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from server.tracking import check_tracking_store
 
     gpu_resources(cfg)
@@ -200,7 +212,16 @@ def preflight(cfg: DictConfig) -> None:
     partitions = fed.train_nodes + fed.target_nodes
     for partition in (0, partitions - 1):
         task = node_task(cfg, {"partition-id": partition, "num-partitions": partitions})
-    model_spec(cfg, task)
+    spec = model_spec(cfg, task)
+    if cfg.resume and (out_dir / CHECKPOINT_NAME).exists():  # a checkpoint of another network
+        saved = load_checkpoint(out_dir / CHECKPOINT_NAME)["strategy"]["params"]
+        expected = initial_parameters(spec, cfg.seed)
+        wrong = sorted(n for n in expected if n not in saved or saved[n].shape != expected[n].shape)
+        if wrong or set(saved) - set(expected):
+            raise ValueError(
+                f"{out_dir / CHECKPOINT_NAME} is not a checkpoint of this run's network "
+                f"({spec.describe()}): {', '.join(wrong[:3]) or 'unexpected tensors'}"
+            )
 
 
 @contextlib.contextmanager
@@ -209,21 +230,34 @@ def stop_on_signals() -> Iterator[None]:
     completed round's checkpoint intact. A second Ctrl-C interrupts at once."""
     from server.federation import STOP_REQUESTED
 
+    global _stopped_by
+
     def request_stop(signum: int, frame: object) -> None:
+        global _stopped_by
         log.warning("%s: stopping after the round in flight", signal.Signals(signum).name)
+        _stopped_by = signum
         STOP_REQUESTED.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     STOP_REQUESTED.clear()
+    _stopped_by = signal.SIGINT
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may handle signals
         return
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # ray.init replaces the driver's SIGTERM handler with sys.exit, which tears the run down
+    # mid-round (stack dumps, exit status 134, no resume hint): keep ours.
+    keep_ours = mock.patch("ray._private.utils.set_sigterm_handler", lambda handler: None)
     try:
-        yield
+        with keep_ours:
+            yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+#: The signal that asked the run to stop: the exit status is 128 + its number, as a shell's.
+_stopped_by: int = signal.SIGINT
 
 
 def objective(cfg: DictConfig, summary: dict) -> float:
@@ -242,12 +276,13 @@ def objective(cfg: DictConfig, summary: dict) -> float:
 
 def run(cfg: DictConfig, out_dir: Path) -> float:
     """Check the settings and the data, run the federation, and score it for a sweeper."""
+    from server.checkpoint import RunFolderError
     from server.federation import RunInterrupted
 
     try:
         validate(cfg)
-        preflight(cfg)
-    except ValueError as error:  # a setting, device or dataset this run cannot use
+        preflight(cfg, out_dir)
+    except (ValueError, RunFolderError) as error:  # a setting, device, dataset or checkpoint
         raise Refused(str(error)) from error
     try:
         with stop_on_signals():
@@ -313,6 +348,7 @@ def main(cfg: DictConfig) -> float | None:
 
     The failed job returns None: Optuna counts it as a failed trial and samples on.
     """
+    from server.checkpoint import RunFolderError, hold_run_folder
     from server.federation import RunInterrupted
 
     hydra_cfg = HydraConfig.get()
@@ -326,6 +362,11 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(2)
         except RunInterrupted as error:
             stop(f"{error}: continue with {continue_command(out_dir)}")
+    try:  # another sweep writing into this job's folder right now: end this sweep, touch nothing
+        hold_run_folder(out_dir)
+    except RunFolderError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(2)
     clear_failure(out_dir)  # a job rerun in the folder of an earlier failure
     try:
         done = sweep_job_state(cfg, out_dir)
@@ -363,9 +404,10 @@ _run_folder: Path | None = None  # the single run's folder, once known (for a se
 
 
 def stop(message: str) -> NoReturn:
-    """End the process after a requested stop: one line, exit status 130 (as after SIGINT)."""
+    """End the process after a requested stop: one line, exit status 128 + the signal's number
+    (130 after Ctrl-C, 143 after SIGTERM), as a shell reports a process the signal ended."""
     print(f"Stopped: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(130)
+    raise SystemExit(128 + int(_stopped_by))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ SHORT = {
     "adapt.gate_lr": "γ",
     "meta.backbone_lr": "β_backbone",
     "meta.gate_lr": "β_gate",
+    "gating.shaping": "shaping",
+    "gating.shaping_rounds": "shaping_rounds",
 }
 # Summary keys averaged over seeds; the first four also get their standard deviation.
 SPREAD = ("accuracy", "flops_ratio", "macs", "wall_seconds")

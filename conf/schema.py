@@ -29,13 +29,14 @@ from conf.choices import (
     TrainGates,
     Weighting,
 )
-from conf.validation import validate
+from conf.validation import validate as _validate
 
 __all__ = [
     "LEGACY_VALUES",
     "RUN_ONLY_KEYS",
     "RunConfig",
     "SimulateConfig",
+    "changed_settings",
     "default_config",
     "legacy_flat",
     "saved_flat",
@@ -285,9 +286,29 @@ LEGACY_VALUES = {
 }
 
 
+def validate(cfg: DictConfig) -> DictConfig:
+    """``conf.validation.validate`` against this schema: ``simulate.py``'s config (with
+    ``sweep``) or a run's settings."""
+    return _validate(cfg, SimulateConfig if "sweep" in cfg else RunConfig)
+
+
 def legacy_flat(flat: dict[str, Any]) -> dict[str, Any]:
     """A flat config of an older run, with the settings it lacks as that run had them."""
     return {**{k: v for k, v in LEGACY_VALUES.items() if k not in flat}, **flat}
+
+
+def changed_settings(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = RUN_ONLY_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every setting (``ignore`` aside) in which two
+    flat configs differ; a setting the older ``saved`` lacks counts as what runs then did
+    (:data:`LEGACY_VALUES`), else its default."""
+    saved = {**to_flat(default_config()), **legacy_flat(dict(saved))}
+    return [
+        (key, saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if key not in ignore and saved.get(key) != current.get(key)
+    ]
 
 
 def default_config() -> DictConfig:

@@ -9,10 +9,12 @@ by OmegaConf itself; the data-dependent checks (enough classes and samples) run 
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,6 +41,9 @@ def _fraction(value: str) -> bool:
         return False
 
 
+#: torch seeds its generators from 64 bits; the seed is combined with node and round ids.
+MAX_SEED = 2**32
+
 CHECKS = (
     Check(
         "gating.enabled",
@@ -51,6 +56,7 @@ CHECKS = (
         lambda c: TRAITS[StrategyName(c.strategy.name)].first_order in (None, c.meta.first_order),
         "what the strategy's name says (strategy=metagater_fo is first order)",
     ),
+    Check("seed", lambda c: 0 <= c.seed < MAX_SEED, f"in [0, {MAX_SEED})"),
     Check("task.ways", lambda c: c.task.ways >= 2, ">= 2"),
     Check("task.shots", lambda c: c.task.shots >= 1, ">= 1"),
     Check("task.queries", lambda c: c.task.queries >= 1, ">= 1"),
@@ -150,8 +156,31 @@ CHECKS = (
 )
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Raise ValueError naming the first invalid key, its value and what is expected."""
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat ``{"a.b": value}`` of a nested container (``OmegaConf.to_container`` output)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def validate(cfg: DictConfig, schema: type | None = None) -> DictConfig:
+    """Raise ValueError naming the first invalid key, its value and what is expected: a key
+    that ``schema`` (a structured config class) lacks, a number that is not finite, or a
+    value a check refuses."""
+    given = leaves(OmegaConf.to_container(cfg, resolve=True))
+    given = {k: v for k, v in given.items() if not k.startswith("hydra.")}
+    if schema is not None:
+        known = leaves(OmegaConf.to_container(OmegaConf.structured(schema)))
+        for key in sorted(set(given) - set(known)):  # Hydra's `+key=...` adds unknown keys
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown config key {key}{hint}: conf/schema.py has no such key")
+    for key, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key {key}={value!r} is invalid: expected a finite number")
     for check in CHECKS:
         if not check.ok(cfg):
             value = OmegaConf.select(cfg, check.key)

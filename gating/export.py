@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from conf.schema import saved_flat, settings_from_flat
+from conf.schema import RUN_ONLY_KEYS, changed_settings, saved_flat, settings_from_flat, to_flat
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import node_task
@@ -48,6 +48,10 @@ from gating.model import GateMode, gate_shapes
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
 TASK_ACCURACY = "task_accuracy.json"
+#: What a run writes into its folder: an export never replaces these.
+RUN_FILES = frozenset(
+    {CHECKPOINT, CONFIG, TASK_ACCURACY, "history.json", "history.jsonl", "summary.json"}
+)
 
 
 @dataclass
@@ -167,12 +171,22 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int, f
         params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
         server_round = int(state["round"])
         reg_weight = RegularizerWeight.from_checkpoint(cfg, state)(server_round)
-        return cfg, params, server_round, reg_weight
+        ran_with = dict(state["config"])
     except Exception as error:
         raise ValueError(
             f"{run_dir / CHECKPOINT} is not a readable checkpoint of this project: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
+    # The node adapts as in the run only under the run's own settings: a config.yaml edited
+    # since would give another model and another accuracy.
+    changed = changed_settings(ran_with, to_flat(cfg), RUN_ONLY_KEYS | {"federation.rounds"})
+    if changed:
+        details = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r}" for k, old, new in changed)
+        raise ValueError(
+            f"{run_dir / CONFIG} differs from the settings the run's checkpoint was written "
+            f"with ({details}): restore it (the checkpoint holds the run's own)"
+        )
+    return cfg, params, server_round, reg_weight
 
 
 def typed_config(loaded: DictConfig, path: Path) -> DictConfig:
@@ -212,11 +226,25 @@ def export_run(
     out: str | Path | None,
     backend: str = "auto",
     queries: str | Path | None = None,
+    force: bool = False,
 ) -> Export:
     """Adapt ``partition`` (default: the first target node) of a finished run and, if ``out``
     is given, write its sliced model there; if ``queries`` is given, the node's query set
-    there (:func:`save_queries`)."""
+    there (:func:`save_queries`). An existing file is replaced only with ``force``, and the
+    run's own files never."""
     run_dir = Path(run_dir)
+    for path in (out, queries):
+        if path is not None and Path(path).exists() and not force:
+            raise ValueError(
+                f"{path} exists: nothing is written over (a run's checkpoint, a model file); "
+                "choose another name, or pass --force to replace a file that is not the run's"
+            )
+        if (
+            path is not None
+            and Path(path).resolve().parent == run_dir.resolve()
+            and (Path(path).name in RUN_FILES)
+        ):
+            raise ValueError(f"{path} is one of the run's own files: choose another name")
     cfg, params, server_round, reg_weight = load_run(run_dir)
     if not cfg.gating.enabled:
         raise ValueError(
@@ -280,10 +308,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also write the node's query images (x), node-local labels (y) and their global "
         "class ids (classes): the set the accuracies are computed on",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="replace an existing --out or --save-queries file"
+    )
     args = parser.parse_args(argv)
     try:
         result = export_run(
-            args.run_dir, args.partition, args.out, args.backend, queries=args.save_queries
+            args.run_dir,
+            args.partition,
+            args.out,
+            args.backend,
+            queries=args.save_queries,
+            force=args.force,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

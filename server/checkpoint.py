@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 
-from conf.schema import RUN_ONLY_KEYS, default_config, legacy_flat, to_flat
+from conf.schema import RUN_ONLY_KEYS, changed_settings
 from server.results import json_safe
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -37,6 +38,29 @@ RESUMABLE_CHANGES = RUN_ONLY_KEYS | {"federation.rounds"}
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked (it holds results, its checkpoint is unusable)."""
+
+
+LOCK_NAME = ".lock"
+_held: dict[Path, FileLock] = {}
+
+
+def hold_run_folder(folder: Path) -> None:
+    """Make this process the only one writing into ``folder`` until it exits: two runs in one
+    folder would interleave their history and replace each other's results. Taking it again
+    in the same process is free (the guard takes it before Hydra writes, the run again)."""
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = _held.get(folder)
+    if lock is None:
+        lock = FileLock(folder / LOCK_NAME)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunFolderError(
+                f"{folder} is in use by another run right now (its {LOCK_NAME} is held): "
+                "wait for it to end, or choose another folder"
+            ) from None
+        _held[folder] = lock
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -70,14 +94,9 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Non
     """A run resumes only under the configuration it was started with (the settings of
     :data:`RESUMABLE_CHANGES` aside). A setting added since the checkpoint was written counts
     as what runs then did (``conf.schema.LEGACY_VALUES``), else its default."""
-    saved = {**to_flat(default_config()), **legacy_flat(dict(saved))}
-    changed = sorted(
-        key
-        for key in set(saved) | set(current)
-        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
-    )
+    changed = changed_settings(dict(saved), dict(current), RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
+        details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:5])
         raise RunFolderError(
             f"cannot resume: the configuration changed since the checkpoint ({details})"
         )
@@ -90,10 +109,19 @@ def results_in(folder: Path) -> list[str]:
 def check_run_folder(folder: Path, resume: bool, flat: Mapping[str, Any]) -> dict[str, Any] | None:
     """Whether a run may start in ``folder``; the checkpoint's state when it resumes.
 
-    A folder with results is never written over unless asked (``resume=true``), and a resume
-    is refused, before anything is written, when the checkpoint is missing, unreadable or from
-    another configuration.
+    A folder with results is never written over unless asked (``resume=true``); a resume is
+    refused when the checkpoint is missing, unreadable, not finite or from another
+    configuration, or the history is damaged; a folder another run is writing into is refused.
+    A refused start writes nothing. Once accepted, the folder is this process's
+    (:func:`hold_run_folder`), and the checks are made again under the lock: a run that
+    finished in between is not written over either.
     """
+    _check_run_folder(folder, resume, flat)
+    hold_run_folder(folder)
+    return _check_run_folder(folder, resume, flat)
+
+
+def _check_run_folder(folder: Path, resume: bool, flat: Mapping[str, Any]) -> dict[str, Any] | None:
     checkpoint = folder / CHECKPOINT_NAME
     found = results_in(folder)
     if not resume:
@@ -108,6 +136,11 @@ def check_run_folder(folder: Path, resume: bool, flat: Mapping[str, Any]) -> dic
         raise RunFolderError(f"resume=true but there is no checkpoint at {checkpoint}")
     saved = load_checkpoint(checkpoint)
     check_resumable(saved["config"], flat)
+    params = saved["strategy"].get("params", {}) if isinstance(saved["strategy"], dict) else {}
+    broken = sorted(n for n, t in params.items() if not bool(torch.isfinite(t).all()))
+    if broken:
+        raise RunFolderError(f"{checkpoint} holds non-finite parameters ({', '.join(broken[:3])})")
+    read_history(folder, int(saved["round"]))  # a damaged history.jsonl: an error naming it
     rounds = flat.get("federation.rounds")
     if isinstance(rounds, int) and saved["round"] > rounds:
         raise RunFolderError(

@@ -267,6 +267,8 @@ class FederatedRun:
             else 0,
         )
         self.regularizer_weight = RegularizerWeight(cfg)  # λ per round
+        # released per round under DP: the update sum, and with gates the deployed-ratio sum
+        self.mechanisms = 2 if cfg.gating.enabled else 1
         self.history: list[dict[str, Any]] = []
         self.first_round, self.elapsed_before = 1, 0.0
         if saved is not None:
@@ -326,8 +328,10 @@ class FederatedRun:
             "bytes_per_client": metrics["bytes-down"] + metrics["bytes-up"],
             "reg_weight": config[REG_WEIGHT_KEY],
         }
+        # under DP what the clients measured is not released (the strategy left it as NaN)
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and v != v)}
         if (noise := cfg.privacy.noise_multiplier) > 0:
-            record["epsilon"] = epsilon(noise, server_round, cfg.privacy.delta)
+            record["epsilon"] = epsilon(noise, server_round, cfg.privacy.delta, self.mechanisms)
         self.regularizer_weight.observe(server_round, record["train_deployed_flops_ratio"])
         return record
 
@@ -394,7 +398,7 @@ class FederatedRun:
             "seed": cfg.seed,
         }
         if (noise := cfg.privacy.noise_multiplier) > 0:
-            summary["epsilon"] = epsilon(noise, fed.rounds, cfg.privacy.delta)
+            summary["epsilon"] = epsilon(noise, fed.rounds, cfg.privacy.delta, self.mechanisms)
             summary["delta"] = cfg.privacy.delta
         write_json(out_dir / "summary.json", summary)
         plots = plot_history(history, out_dir, cfg.gating.target_ratio) if cfg.output.plots else []

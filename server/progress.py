@@ -23,10 +23,15 @@ from tqdm import tqdm
 ROUNDS = logging.getLogger("metagater.rounds")
 
 
+def _figure(record: dict[str, Any], key: str) -> str:
+    """A training figure, or "-" where the run does not release it (under DP)."""
+    return f"{record[key]:.3f}" if key in record else "-"
+
+
 def round_line(record: dict[str, Any], rounds: int) -> str:
     line = (
-        f"[round {record['round']}/{rounds}] train loss {record['train_loss']:.3f} "
-        f"acc {record['train_accuracy']:.3f} flops {record['train_flops_ratio']:.3f}"
+        f"[round {record['round']}/{rounds}] train loss {_figure(record, 'train_loss')} "
+        f"acc {_figure(record, 'train_accuracy')} flops {_figure(record, 'train_flops_ratio')}"
     )
     if "accuracy" in record:
         line += (
@@ -87,7 +92,7 @@ class ProgressReporter(RoundReporter):
         ROUNDS.info("%s", line)
         if self.bar is not None:
             shown = {
-                "loss": f"{record['train_loss']:.3f}",
+                "loss": _figure(record, "train_loss"),
                 "flops": f"{record['train_flops_ratio']:.2f}",
             }
             if "accuracy" in record:

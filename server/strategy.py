@@ -10,6 +10,7 @@ discovery, checkpoints and results, which ``Strategy.start`` has no place for).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from logging import DEBUG, INFO, WARNING
 from typing import Any
@@ -29,6 +30,7 @@ from gating.federated.protocol import (
     METRICS,
     NUM_EXAMPLES,
     TRAIN_METRICS,
+    UNRELEASED_UNDER_DP,
     UPDATE,
 )
 from gating.federated.round import NodeSampler, bounded_weight
@@ -179,8 +181,9 @@ class MetaLearningStrategy(Strategy):
         valid.sort(key=lambda m: partition_of[m.metadata.src_node_id])
         weights = [self._weight(server_round, m) for m in valid]
         updates = [{n: torch.from_numpy(a) for n, a in decoded[id(m)].items()} for m in valid]
+        deployed = [float(m.content[METRICS]["deployed-flops-ratio"]) for m in valid]
         try:
-            report = self.server_step.apply(updates, weights, server_round)
+            report = self.server_step.apply(updates, weights, server_round, ratios=deployed)
         except RoundFailed as error:
             raise RoundFailed(f"{error}; left out before it: {rejected or 'none'}") from error
         if report.clipped:  # counted in the history; the details only in a debug log
@@ -207,6 +210,10 @@ class MetaLearningStrategy(Strategy):
         )
         for key in TRAIN_METRICS:  # every usable reply has them (train_metrics_problem)
             metrics[key] = weighted_mean(weights, [float(m.content[METRICS][key]) for m in valid])
+        metrics["deployed-flops-ratio"] = float(report.ratio)
+        if self.server_step.rule.private:  # released only through the mechanism: see privacy.py
+            for key in (*UNRELEASED_UNDER_DP, "clipped", "update-norm"):
+                metrics[key] = math.nan
         return arrays, metrics
 
     def _weight(self, server_round: int, msg: Message) -> float:

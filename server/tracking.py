@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from conf.choices import TrackingBackend
 
@@ -161,6 +162,17 @@ def make_tracker(
     return Tracker()
 
 
+def _mlflow_schemes() -> set[str] | None:
+    """The URI schemes MLflow has a tracking store for (its store registry; None if this MLflow
+    keeps it elsewhere: then the store itself says so when the run opens it)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return None
+
+
 def check_tracking_store(backend: TrackingBackend | str, uri: str | None) -> None:
     """Refuse an MLflow tracking server that does not answer, before anything starts: otherwise
     the run would fail after Ray and the discovery round (or wait out MLflow's retries).
@@ -171,6 +183,12 @@ def check_tracking_store(backend: TrackingBackend | str, uri: str | None) -> Non
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if TrackingBackend(backend) is not TrackingBackend.mlflow or not uri:
         return
+    scheme = urlparse(uri).scheme.split("+")[0]  # postgresql+psycopg2://... is postgresql
+    if (known := _mlflow_schemes()) is not None and scheme not in known:
+        raise ValueError(
+            f"{source}={uri}: MLflow has no tracking store for the scheme {scheme!r} (it knows "
+            f"{', '.join(sorted(s for s in known if s))}); {fix} for a local store"
+        )
     if not uri.startswith(("http://", "https://")):
         return
     from mlflow.tracking import MlflowClient

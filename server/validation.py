@@ -15,6 +15,8 @@ __all__ = ["RoundFailed", "node_problem", "read_update", "train_metrics_problem"
 
 #: What a training reply may report besides its example count, and the plausible range.
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: The model is float32: a finite float64 beyond this becomes inf in it.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 TRAIN_METRIC_RANGES = {
     "query-loss": (0.0, math.inf),
     "query-accuracy": (0.0, 1.0),
@@ -60,6 +62,8 @@ def read_update(
             return f"{name}: dtype {array.dtype.str}, expected float16, float32 or float64"
         if not np.isfinite(array).all():
             return f"{name}: non-finite values"
+        if array.size and float(np.abs(array).max()) > FLOAT32_MAX:
+            return f"{name}: values beyond float32's range (the model's)"
     return arrays
 
 

@@ -13,7 +13,12 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 from scipy import stats
 
 from conf.choices import Aggregation, Clipping
-from gating.federated.aggregation import AggregationRule, aggregate, update_norm
+from gating.federated.aggregation import (
+    AggregationRule,
+    aggregate,
+    budget_ratio,
+    update_norm,
+)
 from gating.federated.privacy import epsilon
 from gating.federated.server_step import RoundFailed, ServerStep
 
@@ -37,6 +42,16 @@ def test_adaptive_clipping_bounds_a_huge_update_to_a_few_honest_norms():
         expected = torch.stack([u[name] for u in updates[:4]] + [scaled[name]]).mean(0)
         torch.testing.assert_close(direction[name], expected)
     assert update_norm(direction) < 2 * median
+
+
+def test_adaptive_clipping_bounds_one_liar_of_two():
+    # The median of two norms is their mean, which the liar drags up: the bound is the lower
+    # median, the honest norm.
+    updates = [honest(0), {n: 1e6 * t for n, t in honest(9).items()}]
+    rule = AggregationRule(clip=Clipping.adaptive, clip_factor=3.0)
+    direction, report = aggregate(updates, [1.0, 1.0], rule)
+    assert report.clipped == [1] and report.bound == pytest.approx(3 * update_norm(updates[0]))
+    assert update_norm(direction) <= 2 * update_norm(updates[0])
 
 
 def test_without_clipping_the_huge_update_dominates():
@@ -75,6 +90,39 @@ def test_private_aggregation_is_the_noisy_mean_of_clipped_updates():
         expected = (torch.stack(clipped).sum(0) + (3.0 * noise).float()) / 4
         torch.testing.assert_close(a[name], expected)
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)  # seeded: reproducible
+
+
+def test_under_dp_the_budget_ratio_is_a_gaussian_mechanism_on_clipped_ratios():
+    ratios, weights = [0.4, 0.6, 9.0], [5.0, 1.0, 1.0]  # a liar's 9.0 counts as 2
+    plain = AggregationRule()
+    assert budget_ratio(weights, ratios, plain, None) == pytest.approx((2.0 + 0.6 + 9.0) / 7)
+    private = AggregationRule(noise_multiplier=1.5)
+    draws = [
+        budget_ratio(weights, ratios, private, torch.Generator().manual_seed(seed))
+        for seed in range(4000)
+    ]
+    # the sum of clipped ratios (uniform weights) plus N(0, (1.5 x 2)^2), over the count
+    assert np.mean(draws) == pytest.approx(3.0 / 3, abs=0.05)
+    assert np.std(draws) == pytest.approx(1.5 * 2.0 / 3, rel=0.05)
+    again = budget_ratio(weights, ratios, private, torch.Generator().manual_seed(3))
+    assert again == draws[3]  # seeded per round: a resumed run draws the same
+
+
+def test_a_private_step_reports_the_noisy_ratio_and_its_update_from_one_stream():
+    rule = AggregationRule(noise_multiplier=1.0, dp_clip_norm=1.0)
+    step = ServerStep(PARAMS, ("backbone", "gate"), "sgd", {"backbone": 1.0, "gate": 1.0}, rule)
+    report = step.apply([honest(0), honest(1)], [1.0, 1.0], 3, ratios=[0.5, 0.7])
+    generator = torch.Generator().manual_seed(3)  # seed 0: 0 * 1_000_003 + round 3
+    for name in PARAMS:  # the updates' noise comes first, then the ratio's
+        torch.randn(PARAMS[name].shape, generator=generator, dtype=torch.float64)
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+    assert report.ratio == pytest.approx((1.2 + 2.0 * noise) / 2)
+
+
+def test_epsilon_of_two_mechanisms_per_round_is_that_of_twice_the_rounds():
+    # the updates' and the deployed ratios' Gaussian mechanisms, same multiplier, every round
+    assert epsilon(1.2, 50, 1e-5, mechanisms_per_round=2) == epsilon(1.2, 100, 1e-5)
+    assert epsilon(1.2, 50, 1e-5, mechanisms_per_round=2) > epsilon(1.2, 50, 1e-5)
 
 
 def test_epsilon_matches_the_rdp_of_the_gaussian_mechanism_by_hand():

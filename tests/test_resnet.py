@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from conf.choices import ModelArch
-from conf.schema import default_config, validate
+from conf.schema import default_config, to_flat, validate
 from gating.deploy import (
     SlicedGatedNet,
     SlicedGatedResNet,
@@ -472,7 +472,8 @@ def test_export_from_a_resnet_run_folder(trained_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     OmegaConf.save(cfg, run / "config.yaml")
-    torch.save({"round": rounds, "strategy": {"params": params}}, run / "checkpoint.pt")
+    state = {"round": rounds, "strategy": {"params": params}, "config": to_flat(cfg)}
+    torch.save(state, run / "checkpoint.pt")
     partition = 5
     task = node_task(cfg, {"partition-id": partition, "num-partitions": 6})
     reported = evaluate_node(cfg, task, params, rounds, RegularizerWeight(cfg)(rounds))

@@ -206,16 +206,15 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
         deadline = time.monotonic() + 240
         while rounds_done(stopped) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        asked = time.monotonic()
         os.killpg(process.pid, signal.SIGINT)
-        output, _ = process.communicate(timeout=60)
-        took = time.monotonic() - asked
+        output, _ = process.communicate(timeout=60)  # a stop that hangs fails here
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
-    assert took < 15, f"took {took:.1f} s to stop"
-    assert process.returncode != 0 and "resume=true" in output, output[-2000:]
+    assert process.returncode == 130 and "Traceback" not in output, output[-2000:]
+    (line,) = [x for x in output.splitlines() if x.startswith("Stopped: ")]
+    assert line.endswith(f"resume=true hydra.run.dir={stopped}"), line
     assert not (stopped / "summary.json").exists()
     done = torch.load(stopped / "checkpoint.pt", weights_only=True)["round"]
     assert 2 <= done < 6
@@ -224,6 +223,59 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     final_c = torch.load(stopped / "checkpoint.pt", weights_only=True)
     for name, value in final_a["strategy"]["params"].items():
         torch.testing.assert_close(final_c["strategy"]["params"][name], value, rtol=0, atol=0)
+
+
+@pytest.mark.ray
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """As a process manager stops a job: SIGTERM to the driver alone. Ray's own SIGTERM handler
+    (sys.exit mid-round) and its core's stack dump (exit status 134) must not take over."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "simulate.py", *TINY, "federation.rounds=400", f"hydra.run.dir={run}"],
+        cwd=ROOT,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while rounds_done(run) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == 143, output[-3000:]
+    assert "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
+    (line,) = [x for x in output.splitlines() if x.startswith("Stopped: ")]
+    assert line.endswith(f"resume=true hydra.run.dir={run}"), line
+    assert 2 <= torch.load(run / "checkpoint.pt", weights_only=True)["round"] < 400
+
+
+@pytest.mark.ray
+def test_a_simulation_that_cannot_start_ray_ends_instead_of_hanging(tmp_path):
+    """With a 300 kB limit on file sizes (`ulimit -f 300`) Ray's node cannot start; Flower
+    reports its runtime crashed, and the ServerApp's thread, waiting for nodes, must end too."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300 * 1024, 300 * 1024))
+
+    result = subprocess.run(
+        [sys.executable, "simulate.py", *TINY, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,  # it used to wait out federation.timeout (600 s), then hang at exit
+        preexec_fn=small_files,
+    )
+    assert result.returncode == 1
+    assert "Simulation Runtime crashed" in result.stderr + result.stdout
 
 
 def test_a_missing_dataset_fails_before_ray_starts_and_says_how_to_get_it(tmp_path):

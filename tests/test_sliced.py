@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import gating.deploy.sliced as sliced_module
+from conf.schema import to_flat
 from gating.deploy import SlicedGatedNet, load_model, native_available, save_model
 from gating.export import adapt_node, export_run, main
 from gating.federated.budget import CHECKPOINT_KEY
@@ -200,6 +201,12 @@ def test_save_load_round_trip(tmp_path, backend):
     torch.save({"something": "else"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an exported sliced model"):
         load_model(tmp_path / "other.pt")
+    # NaN parameters would predict one class for every input: refused, naming the tensor
+    state = torch.load(path, weights_only=True)
+    state["params"]["backbone.head.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"not finite: backbone\.head\.bias"):
+        load_model(tmp_path / "nan.pt")
 
 
 # --------------------------------------------------------------------------- a real adapted model
@@ -245,8 +252,13 @@ def run_folder(trained_run, folder: Path) -> dict[str, float]:
     cfg, params, rounds, regularizer_weight = trained_run
     folder.mkdir()
     OmegaConf.save(cfg, folder / "config.yaml")
-    state = {CHECKPOINT_KEY: regularizer_weight.state_dict()}
-    torch.save({"round": rounds, "strategy": {"params": params}, **state}, folder / "checkpoint.pt")
+    state = {
+        "round": rounds,
+        "strategy": {"params": params},
+        "config": to_flat(cfg),
+        CHECKPOINT_KEY: regularizer_weight.state_dict(),
+    }
+    torch.save(state, folder / "checkpoint.pt")
     weight = regularizer_weight(rounds)
     reported = {
         str(p): evaluate_node(
@@ -283,6 +295,30 @@ def test_export_from_a_run_folder(trained_run, tmp_path, capsys):
     last = printed.strip().splitlines()[-1]
     assert last == f"RESULT accuracy={reported['4']:.6f} reported={reported['4']:.6f}"
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_export_writes_over_nothing_and_refuses_an_edited_config(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_folder(trained_run, run)
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    # the run's own checkpoint, even with --force: the run could no longer resume
+    assert main([str(run), "--out", str(run / "checkpoint.pt"), "--force"]) == 2
+    assert "one of the run's own files" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    # another existing file: only with --force
+    existing = tmp_path / "node.pt"
+    existing.write_text("keep me")
+    assert main([str(run), "--out", str(existing)]) == 2
+    assert "exists" in capsys.readouterr().err and existing.read_text() == "keep me"
+    assert main([str(run), "--out", str(existing), "--force"]) == 0
+    # config.yaml edited after the run: its figures would not be the run's
+    config = OmegaConf.load(run / "config.yaml")
+    config.adapt.gate_lr = 0.9
+    OmegaConf.save(config, run / "config.yaml")
+    assert main([str(run), "--out", str(tmp_path / "other.pt")]) == 2
+    error = capsys.readouterr().err
+    assert "adapt.gate_lr" in error and "restore it" in error
+    assert not (tmp_path / "other.pt").exists()
 
 
 def test_saved_queries_reproduce_the_reported_accuracy(trained_run, tmp_path, capsys):

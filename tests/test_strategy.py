@@ -20,6 +20,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
+from gating.federated.aggregation import AggregationRule
 from gating.federated.protocol import METRICS, NODE, NUM_EXAMPLES, UPDATE
 from gating.federated.server_step import ServerStep
 from gating.stats import mean_ci95
@@ -126,6 +127,20 @@ def test_update_is_weighted_average_then_one_adam_step_per_group_with_state_kept
         np.testing.assert_allclose(result[name].numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_under_dp_only_what_went_through_a_mechanism_leaves_the_round():
+    rule = AggregationRule(noise_multiplier=1.0, dp_clip_norm=1.0)
+    step = ServerStep(PARAMS, ("backbone", "gate"), "sgd", {"backbone": 0.1, "gate": 0.1}, rule)
+    strategy = MetaLearningStrategy(step, TRAIN, TARGET, clients_per_round=3, min_train_replies=3)
+    replies = [reply(m, random_grads(i), 5, i) for i, m in enumerate(sent(strategy))]
+    _, metrics = strategy.aggregate_train(1, replies)
+    # the clients' own measurements: neither published nor acted on
+    for key in ("query-loss", "query-accuracy", "flops-ratio", "clipped", "update-norm"):
+        assert math.isnan(metrics[key]), key
+    # the deployed ratio λ acts on: the Gaussian mechanism's output, not the replies' 0.6
+    assert metrics["deployed-flops-ratio"] != pytest.approx(0.6)
+    assert metrics["replies"] == 3
+
+
 def test_bad_replies_are_left_out_and_the_rest_still_averaged(caplog):
     strategy = make_strategy(optimizer="sgd", backbone_lr=1.0, gate_lr=1.0, min_train_replies=1)
     first, second, third = sent(strategy)
@@ -144,7 +159,16 @@ def test_bad_replies_are_left_out_and_the_rest_still_averaged(caplog):
 
 @pytest.mark.parametrize(
     "breakage",
-    ["error", "missing-tensor", "extra-tensor", "no-examples", "int-dtype", ">f4", "longdouble"],
+    [
+        "error",
+        "missing-tensor",
+        "extra-tensor",
+        "no-examples",
+        "int-dtype",
+        ">f4",
+        "longdouble",
+        "beyond-float32",
+    ],
 )
 def test_each_kind_of_malformed_reply_is_rejected(breakage):
     strategy = make_strategy(min_train_replies=3)
@@ -157,6 +181,8 @@ def test_each_kind_of_malformed_reply_is_rejected(breakage):
         grads["gate.extra"] = np.ones(2, np.float32)
     elif breakage == "no-examples":
         examples = 0
+    elif breakage == "beyond-float32":  # finite in float64, inf in the float32 model
+        grads["gate.w"] = np.full(grads["gate.w"].shape, 1e300)
     if breakage == "error":
         replies.append(Message(Error(code=1, reason="client crashed"), reply_to=messages[2]))
     elif breakage in ("int-dtype", ">f4", "longdouble"):  # torch.from_numpy would raise

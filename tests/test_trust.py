@@ -222,3 +222,113 @@ def test_a_run_folders_settings_are_read_typed_for_export(tmp_path):
     typed = typed_config(OmegaConf.load(tmp_path / "config.yaml"), tmp_path / "config.yaml")
     assert meta_config(typed, 0.0).norm is NormKind.batch
     assert MetaConfig(norm="batch", cost="deployed").cost is GateCost.deployed
+
+
+# ------------------------------------------------------------- faults found before Ray starts
+
+
+def composed(*overrides: str):
+    """simulate.py's config with ``overrides``, composed by Hydra as on the command line."""
+    from hydra import compose, initialize_config_dir
+
+    import simulate  # registers the config store and the resolvers
+
+    conf = Path(simulate.__file__).resolve().parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("+gating.target_ration=0.3", "unknown config key gating.target_ration (did you mean"),
+        ("+foo=1", "unknown config key foo"),
+        ("adapt.backbone_lr=inf", "adapt.backbone_lr=inf is invalid: expected a finite number"),
+        ("gating.lambda=inf", "gating.lambda=inf"),
+        ("privacy.noise_multiplier=inf", "privacy.noise_multiplier=inf"),
+        ("model.gate_bias=nan", "model.gate_bias=nan"),
+        ("seed=100000000000000000000000", "seed=100000000000000000000000 is invalid"),
+    ],
+)
+def test_a_setting_no_run_can_use_is_refused_naming_the_key(override, says):
+    with pytest.raises(ValueError) as error:
+        validate(composed(override))
+    assert says in str(error.value)
+
+
+def test_a_tracking_uri_mlflow_cannot_open_is_refused():
+    from server.tracking import check_tracking_store
+
+    with pytest.raises(ValueError, match=r"tracking\.uri=foo://bar: MLflow has no tracking store"):
+        check_tracking_store("mlflow", "foo://bar")
+    check_tracking_store("mlflow", "sqlite:///never-created.db")  # a local store: the run's
+
+
+def test_a_mistyped_added_key_ends_the_command_in_one_line(tmp_path, subprocess_env):
+    run = tmp_path / "run"
+    result = run_simulate(
+        subprocess_env, "federation=tiny", "+gating.target_ration=0.3", f"hydra.run.dir={run}"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "did you mean gating.target_ratio?" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["nan-parameters", "history", "other-network"])
+def test_a_resume_from_a_damaged_run_is_refused_before_ray_starts(tmp_path, subprocess_env, damage):
+    from gating.federated.settings import initial_parameters, spec_for
+
+    cfg = composed("federation=tiny")
+    flat = to_flat(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    params = initial_parameters(spec_for(cfg, 1, 8), 0)  # digits: 1x8x8
+    if damage == "nan-parameters":
+        params["gate.0.fc2.bias"][0] = float("nan")
+    if damage == "other-network":
+        params = initial_parameters(spec_for(cfg, 1, 8 * 4), 0)  # another image size
+        params["backbone.head.weight"] = torch.zeros(5, 7)
+    save_checkpoint(
+        run / "checkpoint.pt",
+        {"round": 2, "strategy": {"params": params}, "config": flat, "wall_seconds": 1.0},
+    )
+    lines = ['{"round": 1}\n', "{not json\n", '{"round": 2}\n']
+    (run / "history.jsonl").write_text("".join(lines if damage == "history" else lines[::2]))
+    before = snapshot(run)
+    result = run_simulate(subprocess_env, "federation=tiny", "resume=true", f"hydra.run.dir={run}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    says = {
+        "nan-parameters": "non-finite parameters (gate.0.fc2.bias)",
+        "history": "history.jsonl:2 is not JSON",
+        "other-network": "is not a checkpoint of this run's network",
+    }[damage]
+    assert says in result.stderr
+    if damage != "other-network":  # found by the folder guard, before Hydra writes anything
+        assert snapshot(run) == before
+
+
+def test_a_folder_another_run_is_writing_into_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from server.checkpoint import "
+            "hold_run_folder; hold_run_folder(Path(sys.argv[1])); print('held', flush=True); "
+            "time.sleep(60)",
+            str(run),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match="in use by another run"):
+            check_run_folder(run, False, to_flat(default_config()))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert check_run_folder(run, False, to_flat(default_config())) is None  # free again

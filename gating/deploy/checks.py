@@ -18,7 +18,7 @@ Statistics = Sequence[tuple[Tensor, Tensor]]
 
 
 def check_params(spec: ModelSpec, params: Params) -> None:
-    """Names and shapes exactly as ``build_model(spec).named_parameters()``."""
+    """Names and shapes exactly as ``build_model(spec).named_parameters()``, values finite."""
     with torch.device("meta"):  # shapes only: no memory, no draw from torch's RNG
         reference = build_model(spec)
     expected = {n: tuple(t.shape) for n, t in reference.named_parameters()}
@@ -33,6 +33,9 @@ def check_params(spec: ModelSpec, params: Params) -> None:
             if names
         )
         raise ValueError(f"parameters do not match the model spec {spec} ({detail})")
+    broken = sorted(n for n, t in params.items() if not bool(torch.isfinite(t).all()))
+    if broken:  # it would predict one class for every input, without a word
+        raise ValueError(f"parameters are not finite: {', '.join(broken[:4])}")
 
 
 def checked_statistics(spec: ModelSpec, statistics: Statistics) -> list[tuple[Tensor, Tensor]]:

@@ -38,11 +38,17 @@ class AggregationRule:
         return self.noise_multiplier > 0
 
 
+#: A reply's deployed MAC ratio lies in [0, RATIO_BOUND] (checked): the sensitivity of their sum.
+RATIO_BOUND = 2.0
+
+
 @dataclass
 class AggregationReport:
     norms: list[float]  # each update's norm before clipping, in the given order
     bound: float | None  # the norm bound applied (None: none)
     clipped: list[int] = field(default_factory=list)  # indices of the updates scaled down
+    # the mean deployed MAC ratio the budget controller acts on (noisy under DP), if given
+    ratio: float | None = None
 
 
 def update_norm(update: Mapping[str, Tensor]) -> float:
@@ -56,7 +62,9 @@ def _bound(rule: AggregationRule, norms: Sequence[float]) -> float | None:
     if rule.clip is Clipping.fixed:
         return rule.clip_norm
     if rule.clip is Clipping.adaptive:
-        return rule.clip_factor * float(np.median(norms))
+        # The lower median: of two updates the smaller, so one liar of two is still bounded
+        # (the plain median of two norms is their mean, which a huge norm drags up with it).
+        return rule.clip_factor * float(np.sort(norms)[(len(norms) - 1) // 2])
     return None
 
 
@@ -120,6 +128,23 @@ def _private_mean(
         noise = torch.randn(total.shape, generator=generator, dtype=torch.float64)
         direction[name] = (total + (std * noise).to(total.dtype)) / len(updates)
     return direction
+
+
+def budget_ratio(
+    weights: Sequence[float],
+    ratios: Sequence[float],
+    rule: AggregationRule,
+    generator: torch.Generator | None,
+) -> float:
+    """The round's deployed MAC ratio, which λ's dual ascent acts on: the weighted mean, or
+    under DP the Gaussian mechanism on the sum of ratios clipped to [0, RATIO_BOUND] (noise
+    ``noise_multiplier x RATIO_BOUND``, the multiplier of the updates: the accountant composes
+    both), divided by the count, as the updates' private mean."""
+    if not rule.private:
+        return weighted_mean(weights, ratios)
+    total = float(np.clip(np.asarray(ratios, dtype=np.float64), 0.0, RATIO_BOUND).sum())
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+    return (total + rule.noise_multiplier * RATIO_BOUND * noise) / len(ratios)
 
 
 def weighted_mean(weights: Sequence[float], values: Sequence[float]) -> float:

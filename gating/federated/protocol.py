@@ -28,6 +28,9 @@ PARTITION_KEY = "partition-id"
 PER_ROUND_KEYS = (ROUND_KEY, REG_WEIGHT_KEY)
 #: What a training reply measured besides its example count (weighted means per round).
 TRAIN_METRICS = ("query-loss", "query-accuracy", "flops-ratio", "deployed-flops-ratio")
+#: What the training replies measure on the clients' own data and no mechanism privatizes:
+#: under DP the server neither publishes nor acts on them (the deployed ratio goes through one).
+UNRELEASED_UNDER_DP = ("query-loss", "query-accuracy", "flops-ratio")
 
 # A flat config as a hashable key: (name, type name, value) per entry, lists as tuples. The type
 # is part of the key because 1, 1.0 and True hash alike but need not decode alike.

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from conf.choices import Weighting
 from gating.data import NodeTask
-from gating.federated.aggregation import AggregationRule, weighted_mean
+from gating.federated.aggregation import AggregationRule
 from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import node_task
 from gating.federated.server_step import Params, ServerStep
@@ -141,9 +141,11 @@ class BareFederation:
         if self.cfg.robust.weighting is Weighting.claimed:
             expected = None
         weights = [bounded_weight(updates[i].examples, expected) for i in order]
-        self.step.apply([updates[i].update for i in order], weights, server_round)
         deployed = [updates[i].deployed_flops_ratio for i in order]
-        self.regularizer_weight.observe(server_round, weighted_mean(weights, deployed))
+        report = self.step.apply(
+            [updates[i].update for i in order], weights, server_round, ratios=deployed
+        )
+        self.regularizer_weight.observe(server_round, report.ratio)
         return BareRound(partitions, updates, seconds, time.perf_counter() - start)
 
     def train(self, rounds: int, log: Callable[[int, BareRound], None] | None = None) -> Params:

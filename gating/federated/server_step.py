@@ -18,7 +18,12 @@ import torch
 from torch import Tensor
 
 from conf.choices import ServerOptimizer
-from gating.federated.aggregation import AggregationReport, AggregationRule, aggregate
+from gating.federated.aggregation import (
+    AggregationReport,
+    AggregationRule,
+    aggregate,
+    budget_ratio,
+)
 from gating.model import BACKBONE, GATE, group_of
 
 GROUPS = (BACKBONE, GATE)
@@ -89,14 +94,19 @@ class ServerStep:
         updates: Sequence[Mapping[str, Tensor]],
         weights: Sequence[float],
         server_round: int = 0,
+        ratios: Sequence[float] | None = None,
     ) -> AggregationReport:
         """Step with the aggregate of ``updates`` (in the given order, which callers fix, so
-        that a resumed run adds in the same order). Raises :class:`RoundFailed`, with nothing
-        changed, when the result would not be finite."""
+        that a resumed run adds in the same order); with ``ratios`` (each update's deployed MAC
+        ratio) the report carries the round's ratio for λ (:func:`budget_ratio`: private under
+        DP). Raises :class:`RoundFailed`, with nothing changed, when the result would not be
+        finite."""
         generator = None
         if self.rule.private:
             generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + server_round)
         direction, report = aggregate(updates, weights, self.rule, generator)
+        if ratios is not None:
+            report.ratio = budget_ratio(weights, ratios, self.rule, generator)
         before = self.state_dict()  # to undo a step that breaks the model
         problem = None
         try:
