@@ -14,7 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from conf.choices import TRAITS, GateKind, StrategyName
-from conf.schema import RUN_ONLY_KEYS, legacy_flat, settings_from_flat, to_flat
+from conf.schema import RUN_ONLY_KEYS, changed_settings, legacy_flat, settings_from_flat, to_flat
+from server.checkpoint import CHECKPOINT_NAME, RunFolderError, load_checkpoint
 from server.results import TASK_ACCURACY_FILE
 
 FAILURE_FILE = "FAILED.txt"  # written by simulate.py when a job of a sweep fails
@@ -104,7 +105,28 @@ def load_run(path: Path) -> Run:
         run.failure = (path / FAILURE_FILE).read_text().strip()
     elif run.summary is None:
         run.failure = "no summary.json (interrupted or still running)"
+    elif edited := _edited_settings(path, run.config):
+        run.failure = edited
     return run
+
+
+def _edited_settings(path: Path, flat: dict[str, Any]) -> str | None:
+    """Why the run must not be filed under its config.yaml: the file was changed after the
+    run wrote it (the checkpoint keeps the settings the run really had)."""
+    checkpoint = path / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return None
+    try:
+        ran_with = load_checkpoint(checkpoint)["config"]
+    except RunFolderError as error:
+        return str(error)
+    changed = changed_settings(dict(ran_with), flat, RUN_ONLY_KEYS | {"federation.rounds"})
+    if not changed:
+        return None
+    details = ", ".join(
+        f"{k}: ran with {old!r}, config.yaml says {new!r}" for k, old, new in changed
+    )
+    return f"config.yaml differs from the settings in its checkpoint ({details})"
 
 
 def _read_json(path: Path) -> Any:

@@ -185,6 +185,22 @@ def test_the_report_names_a_damaged_run_and_reports_the_rest(tmp_path):
     assert "0.8000" in text  # and the healthy run is reported
 
 
+def test_the_report_does_not_file_a_run_under_a_hand_edited_config(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name, seed in (("0", 0), ("1", 1)):
+        write_run(sweep / name, {}, accuracy=0.8, macs=100_000, seed=seed)
+        cfg = OmegaConf.load(sweep / name / "config.yaml")
+        state = {"round": 4, "strategy": {}, "config": to_flat(cfg), "wall_seconds": 1.0}
+        save_checkpoint(sweep / name / "checkpoint.pt", state)
+    cfg.adapt.gate_lr = 0.9  # run 1's config.yaml edited after the run
+    OmegaConf.save(cfg, sweep / "1" / "config.yaml")
+    report([sweep], tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "`1`: config.yaml differs from the settings in its checkpoint" in text
+    assert "adapt.gate_lr: ran with 0.1, config.yaml says 0.9" in text
+    assert "| metagater | 1 |" in text  # run 0 alone in the table
+
+
 def test_a_checkpoint_of_an_earlier_version_cannot_resume_under_another_algorithm():
     """Runs from before model.norm existed used batch statistics, trusted claims and kept λ
     fixed: resuming them under today's defaults would change the algorithm mid-run, so it is
