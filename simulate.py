@@ -25,6 +25,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 from unittest import mock
@@ -230,17 +231,14 @@ def stop_on_signals() -> Iterator[None]:
     completed round's checkpoint intact. A second Ctrl-C interrupts at once."""
     from server.federation import STOP_REQUESTED
 
-    global _stopped_by
-
     def request_stop(signum: int, frame: object) -> None:
-        global _stopped_by
         log.warning("%s: stopping after the round in flight", signal.Signals(signum).name)
-        _stopped_by = signum
+        STOPPING.signal = signum
         STOP_REQUESTED.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     STOP_REQUESTED.clear()
-    _stopped_by = signal.SIGINT
+    STOPPING.signal = signal.SIGINT
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread may handle signals
         return
@@ -256,8 +254,15 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-#: The signal that asked the run to stop: the exit status is 128 + its number, as a shell's.
-_stopped_by: int = signal.SIGINT
+@dataclass
+class Stopping:
+    """What the line that ends a stopped process says, and its exit status."""
+
+    signal: int = signal.SIGINT  # the signal that asked to stop: exit status 128 + its number
+    run_folder: Path | None = None  # a single run's folder, for the command that continues it
+
+
+STOPPING = Stopping()
 
 
 def objective(cfg: DictConfig, summary: dict) -> float:
@@ -353,7 +358,7 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    continue_command(out_dir)  # remembered for the message of a second Ctrl-C
+    STOPPING.run_folder = out_dir  # for the message of a second Ctrl-C
     if hydra_cfg.mode != RunMode.MULTIRUN:
         try:
             return run(cfg, out_dir)
@@ -361,7 +366,7 @@ def main(cfg: DictConfig) -> float | None:
             print(f"Error: {error}", file=sys.stderr)
             sys.exit(2)
         except RunInterrupted as error:
-            stop(f"{error}: continue with {continue_command(out_dir)}")
+            stop(f"{error}: continue with {continue_command()}")
     try:  # another sweep writing into this job's folder right now: end this sweep, touch nothing
         hold_run_folder(out_dir)
     except RunFolderError as error:
@@ -379,7 +384,7 @@ def main(cfg: DictConfig) -> float | None:
         # Exception: one Ctrl-C ends the whole sweep.
         stop(
             f"{error} (job {hydra_cfg.job.num}); the sweep stopped: continue it with the same "
-            f"command, which skips complete jobs and resumes this one: {continue_command(out_dir)}"
+            f"command, which skips complete jobs and resumes this one: {continue_command()}"
         )
     except Exception as error:  # one failed job must not end the sweep
         log.exception("job %s failed", hydra_cfg.job.num)
@@ -387,27 +392,23 @@ def main(cfg: DictConfig) -> float | None:
         return None
 
 
-def continue_command(out_dir: Path | None = None) -> str:
+def continue_command() -> str:
     """The command that continues this process's work, quoted for a POSIX shell: a sweep's own
     command line (it skips complete jobs and resumes the others), or a single run's plus
-    ``resume=true hydra.run.dir=<its folder>``. Remembers ``out_dir`` for a later call."""
-    global _run_folder
-    _run_folder = out_dir or _run_folder
+    ``resume=true hydra.run.dir=<its folder>``."""
     argv = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
     resume: list[str] = []
     if not {"-m", "--multirun"} & set(argv):
-        resume = ["resume=true"] + ([f"hydra.run.dir={_run_folder}"] if _run_folder else [])
+        folder = STOPPING.run_folder
+        resume = ["resume=true"] + ([f"hydra.run.dir={folder}"] if folder else [])
     return shlex.join(["python", Path(sys.argv[0]).name, *argv, *resume])
-
-
-_run_folder: Path | None = None  # the single run's folder, once known (for a second Ctrl-C)
 
 
 def stop(message: str) -> NoReturn:
     """End the process after a requested stop: one line, exit status 128 + the signal's number
     (130 after Ctrl-C, 143 after SIGTERM), as a shell reports a process the signal ended."""
     print(f"Stopped: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(128 + int(_stopped_by))
+    raise SystemExit(128 + int(STOPPING.signal))
 
 
 if __name__ == "__main__":
