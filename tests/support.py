@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -182,6 +183,46 @@ STRAIGHT_THROUGH_META = MetaConfig(
     train_gates="hard",
     cost="expected",
 )
+
+
+def interrupt(
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    ready: Callable[[], bool],
+    sig: int = signal.SIGINT,
+    group: bool = True,
+) -> tuple[int, str, str]:
+    """Start ``command`` in a session of its own, wait (at most 4 minutes) until ``ready()``,
+    send ``sig`` to its whole process group (as a terminal's Ctrl-C does) or, with
+    ``group=False``, to the process alone (as a process manager's SIGTERM does), and return its
+    exit status, stdout and stderr. A stop that hangs fails after a minute and a half; whatever
+    is left is killed."""
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert process.poll() is None, "it ended before it was ready"
+            assert time.monotonic() < deadline, "it was not ready within 4 minutes"
+            time.sleep(0.05)
+        if group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    return process.returncode, out, err
 
 
 def run_simulate(

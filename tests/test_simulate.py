@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conf.schema import settings_from_flat, to_flat
 from gating.federated.round import BareFederation
 from server.checkpoint import read_history
-from tests.support import subprocess_env
+from tests.support import interrupt, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -193,26 +193,14 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path):
     # Ctrl-C (SIGINT to the terminal's process group) stops the run within seconds, with the
     # last completed round's checkpoint intact; resume=true then finishes it, identically.
     stopped = tmp_path / "stopped"
-    process = subprocess.Popen(
+    code, out, err = interrupt(
         [sys.executable, "simulate.py", *overrides, f"hydra.run.dir={stopped}"],
-        cwd=ROOT,
-        env=subprocess_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        ROOT,
+        subprocess_env(tmp_path),
+        ready=lambda: rounds_done(stopped) >= 2,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while rounds_done(stopped) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        os.killpg(process.pid, signal.SIGINT)
-        output, _ = process.communicate(timeout=60)  # a stop that hangs fails here
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in output, output[-2000:]
+    output = out + err
+    assert code == 130 and "Traceback" not in output, output[-2000:]
     (line,) = [x for x in output.splitlines() if x.startswith("Stopped: ")]
     assert line.endswith(f"resume=true hydra.run.dir={stopped}"), line
     assert not (stopped / "summary.json").exists()
@@ -230,26 +218,16 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     """As a process manager stops a job: SIGTERM to the driver alone. Ray's own SIGTERM handler
     (sys.exit mid-round) and its core's stack dump (exit status 134) must not take over."""
     run = tmp_path / "run"
-    process = subprocess.Popen(
+    code, out, err = interrupt(
         [sys.executable, "simulate.py", *TINY, "federation.rounds=400", f"hydra.run.dir={run}"],
-        cwd=ROOT,
-        env=subprocess_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        ROOT,
+        subprocess_env(tmp_path),
+        ready=lambda: rounds_done(run) >= 2,
+        sig=signal.SIGTERM,
+        group=False,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while rounds_done(run) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-    assert process.returncode == 143, output[-3000:]
+    output = out + err
+    assert code == 143, output[-3000:]
     assert "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
     (line,) = [x for x in output.splitlines() if x.startswith("Stopped: ")]
     assert line.endswith(f"resume=true hydra.run.dir={run}"), line

@@ -27,6 +27,7 @@ from analysis.callbacks import folder_name, hydra_quoted, sweep_name
 from analysis.report import build_rows, report
 from analysis.runs import FAILURE_FILE, find_runs, write_failure
 from conf.schema import SimulateConfig
+from tests.support import interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -423,28 +424,14 @@ def test_one_ctrl_c_stops_the_whole_sweep_in_one_line_and_the_same_command_conti
     tmp_path, subprocess_env
 ):
     args = ["seed=0,1,2", *TINY, "federation.rounds=60"]
-    process = subprocess.Popen(
+    # Ctrl-C in a terminal signals its whole process group: the driver and Ray's processes.
+    code, out, err = interrupt(
         [sys.executable, str(ROOT / "simulate.py"), "-m", *args],
-        cwd=tmp_path,
-        env=subprocess_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        tmp_path,
+        subprocess_env,
+        ready=lambda: bool(list(tmp_path.glob("multirun/*/0_*/checkpoint.pt"))),
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("multirun/*/0_*/checkpoint.pt")):
-            assert process.poll() is None and time.monotonic() < deadline, "job 0 never began"
-            time.sleep(0.05)
-        # Ctrl-C in a terminal signals its whole process group: the driver and Ray's processes.
-        os.killpg(process.pid, signal.SIGINT)
-        out, err = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=60)
-    assert process.returncode == 130, err[-3000:]
+    assert code == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-3000:]
     (line,) = [x for x in err.splitlines() if x.startswith("Stopped: ")]
     assert line.endswith("python simulate.py " + shlex.join(["-m", *args])), line
