@@ -1,6 +1,7 @@
 """Export a target node's adapted gated network from a finished run as a sliced model file.
 
     python -m gating.export RUN_DIR --partition P --out model.pt [--save-queries queries.npz]
+    python -m gating.export RUN_DIR --partition P --format onnx --out node.onnx [--save-images DIR]
 
 It rebuilds partition P's task exactly as the ClientApp does (``gating.federated.nodes`` with the
 run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
@@ -17,15 +18,23 @@ reported for that node (``task_accuracy.json``), which is the same one-image-at-
 and the transductive accuracy (norm statistics of the whole query batch) for contrast. The last
 line is ``RESULT accuracy=<exported model, one image at a time> reported=<the run's figure>``.
 
+``--format onnx`` writes the same network as an ONNX graph with its gates inside
+(:mod:`gating.deploy.onnx_export`), which ONNX Runtime runs without PyTorch or this project
+(docs/edge.md), and then runs the written file on every query with ONNX Runtime: its
+predictions must be the sliced model's, so the RESULT line's accuracy is ONNX Runtime's.
+
 ``--save-queries FILE.npz`` also writes those query images, so that anyone can check the model
 file on its own (:func:`save_queries`): ``x`` (N, C, H, W) float32, the model's input as is;
 ``y`` (N,) int64 node-local labels, what ``logits.argmax()`` predicts; ``classes`` the global
-class id of each node-local label.
+class id of each node-local label. ``--save-images DIR`` writes them as image files instead
+(:func:`save_images`): ``DIR/000.png``, ... whose pixels the dataset's loader maps exactly to
+those inputs, and ``DIR/labels.csv``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -38,6 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from conf.schema import RUN_ONLY_KEYS, changed_settings, saved_flat, settings_from_flat, to_flat
+from gating.data import DatasetError, encode_pixels, load_dataset, pixel_encoding
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import node_task
@@ -52,6 +62,32 @@ TASK_ACCURACY = "task_accuracy.json"
 RUN_FILES = frozenset(
     {CHECKPOINT, CONFIG, TASK_ACCURACY, "history.json", "history.jsonl", "summary.json"}
 )
+#: What ``--format`` writes: the torch model file of ``gating.deploy``, or an ONNX graph.
+FORMATS = ("torch", "onnx")
+#: ONNX Runtime's logits may differ from the sliced model's by float rounding: this much,
+#: relative to the largest logit (at least 1), before the export is called wrong.
+ONNX_TOLERANCE = 1e-4
+
+
+@dataclass
+class OnnxCheck:
+    """ONNX Runtime running the exported graph on the node's query set, one image at a time."""
+
+    accuracy: float
+    max_logit_difference: float  # against the sliced model, over the query set
+    same_predictions: bool  # ONNX Runtime's argmax is the sliced model's for every query
+    same_open: bool | None  # the graph's gates open the sliced model's channels (None: no gate)
+    gates: str  # "conditional" (decided per input in the graph) or "static" (narrower network)
+    largest_logit: float
+
+    @property
+    def agrees(self) -> bool:
+        tolerance = ONNX_TOLERANCE * max(1.0, self.largest_logit)
+        return (
+            self.same_predictions
+            and self.same_open is not False
+            and self.max_logit_difference <= tolerance
+        )
 
 
 @dataclass
@@ -71,6 +107,11 @@ class Export:
     flops_ratio: float  # mean realized MACs / dense MACs over the query inputs
     layer_active: list[float] = field(default_factory=list)  # mean open ratio per gate
     reported: float | None = None  # the run's task_accuracy.json figure for this node
+    dataset: str = ""
+    class_names: list[str] = field(default_factory=list)  # names of `classes`, in logit order
+    # how the dataset's loader maps an image file's pixels to the model's input
+    preprocessing: dict[str, object] = field(default_factory=dict)
+    onnx: OnnxCheck | None = None  # ONNX Runtime on the exported graph (--format onnx)
     # the node's query set, which `accuracy` and the run's figure are computed on
     query_x: Tensor | None = field(default=None, repr=False)  # (N, C, H, W) float32
     query_y: Tensor | None = field(default=None, repr=False)  # (N,) node-local labels
@@ -131,6 +172,7 @@ def adapt_node(
         batch = forward(model, adapted, query_x, GateMode.EVAL, meta_cfg)
     labels = query_y.numpy()
     gate_channels = np.array([shape.out_channels for shape in gate_shapes(spec)])
+    names = load_dataset(cfg.dataset.name, cfg.dataset.path, cfg.dataset.image_size).class_names
     return Export(
         model=sliced,
         partition=task.partition_id,
@@ -146,6 +188,9 @@ def adapt_node(
         layer_active=[float(r) for r in np.mean(opened_all, axis=0) / gate_channels],
         query_x=query_x,
         query_y=query_y,
+        dataset=str(cfg.dataset.name),
+        class_names=[names[c] for c in task.classes],
+        preprocessing=pixel_encoding(cfg.dataset.name, spec.in_channels, cfg.dataset.image_size),
     )
 
 
@@ -220,6 +265,76 @@ def save_queries(result: Export, path: str | Path) -> None:
         )
 
 
+def query_pixels(result: Export) -> list[np.ndarray]:
+    """The node's query images as 8-bit pixels that the dataset's loader
+    (``result.preprocessing``) maps exactly to the model's inputs; a ValueError for a run whose
+    data have no such form (resized with PyTorch, float npz values)."""
+    assert result.query_x is not None
+    try:
+        return [encode_pixels(x.numpy(), result.preprocessing) for x in result.query_x]
+    except DatasetError as error:
+        raise ValueError(f"--save-images: {error}") from error
+
+
+def save_images(result: Export, folder: str | Path, pixels: list[np.ndarray] | None = None) -> None:
+    """Write the node's query images into ``folder`` as PNG files ``000.png``, ``001.png``, ...
+    (:func:`query_pixels`, unless given), and ``labels.csv``: per file its node-local label,
+    global class id and class name."""
+    from PIL import Image
+
+    assert result.query_y is not None
+    pixels = query_pixels(result) if pixels is None else pixels
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "labels.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["file", "label", "class", "class_name"])
+        for i, (image, label) in enumerate(zip(pixels, result.query_y.tolist(), strict=True)):
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+            writer.writerow(
+                [f"{i:03d}.png", label, result.classes[label], result.class_names[label]]
+            )
+
+
+def onnx_metadata(result: Export, run_dir: Path) -> dict[str, object]:
+    """What an ONNX file states besides its graph: the node, its classes and their names, how
+    an image file becomes its input, where it came from."""
+    return {
+        **result.metadata(),
+        "class_names": result.class_names,
+        "dataset": result.dataset,
+        "preprocessing": result.preprocessing,
+        "run_dir": str(run_dir.resolve()),
+    }
+
+
+def write_onnx(result: Export, out: str | Path | None, run_dir: Path) -> OnnxCheck:
+    """Write the node's ONNX graph to ``out`` (None: build it only) and run it, as read back from
+    the file, with ONNX Runtime on every query input against the sliced model."""
+    try:
+        from gating.deploy.onnx_export import compare, onnx_model, session
+    except ImportError as error:
+        raise ValueError(
+            f"--format onnx needs the onnx and onnxruntime packages ({error}): "
+            "pip install -e '.[onnx]'"
+        ) from error
+    graph = onnx_model(result.model, onnx_metadata(result, run_dir))
+    if out is not None:
+        Path(out).write_bytes(graph.SerializeToString())
+    assert result.query_x is not None and result.query_y is not None
+    runtime = session(graph if out is None else out)
+    check = compare(runtime, result.model, result.query_x)
+    gates = next(p.value for p in graph.metadata_props if p.key == "gates")
+    return OnnxCheck(
+        accuracy=float(np.mean(check.predictions == result.query_y.numpy())),
+        max_logit_difference=check.max_logit_difference,
+        same_predictions=check.same_predictions,
+        same_open=check.same_open,
+        gates=gates,
+        largest_logit=check.largest_logit,
+    )
+
+
 def export_run(
     run_dir: str | Path,
     partition: int | None,
@@ -227,12 +342,28 @@ def export_run(
     backend: str = "auto",
     queries: str | Path | None = None,
     force: bool = False,
+    fmt: str = "torch",
+    images: str | Path | None = None,
 ) -> Export:
     """Adapt ``partition`` (default: the first target node) of a finished run and, if ``out``
-    is given, write its sliced model there; if ``queries`` is given, the node's query set
-    there (:func:`save_queries`). An existing file is replaced only with ``force``, and the
-    run's own files never."""
+    is given, write its sliced model there (``fmt``: the torch model file, or ``"onnx"``: the
+    ONNX graph, checked with ONNX Runtime on the node's queries even without ``out``); if
+    ``queries`` is given, the node's query set there (:func:`save_queries`); if ``images``, its
+    query images as PNG files into that folder (:func:`save_images`). An existing file (or a
+    folder that is not empty) is replaced only with ``force``, and the run's own files never."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     run_dir = Path(run_dir)
+    if images is not None and Path(images).exists():
+        if not Path(images).is_dir():
+            raise ValueError(f"{images} exists and is not a folder: choose another name")
+        if any(Path(images).iterdir()) and not force:
+            raise ValueError(
+                f"{images} is a folder that is not empty: nothing is written over; choose "
+                "another name, or pass --force to replace its images"
+            )
+        if Path(images).resolve() == run_dir.resolve():
+            raise ValueError(f"{images} is the run's own folder: choose another name")
     for path in (out, queries):
         if path is not None and Path(path).exists() and not force:
             raise ValueError(
@@ -254,10 +385,15 @@ def export_run(
         partition = int(cfg.federation.train_nodes)
     result = adapt_node(cfg, params, partition, server_round, reg_weight, backend=backend)
     result.reported = reported_accuracy(run_dir, partition)
-    if out is not None:
+    pixels = None if images is None else query_pixels(result)  # refused before anything is written
+    if fmt == "onnx":
+        result.onnx = write_onnx(result, out, run_dir)
+    elif out is not None:
         save_model(result.model, out, run_dir=str(run_dir.resolve()), **result.metadata())
     if queries is not None:
         save_queries(result, queries)
+    if images is not None:
+        save_images(result, images, pixels)
     return result
 
 
@@ -265,6 +401,7 @@ def format_report(result: Export) -> str:
     spec = result.model.spec
     norm = "frozen support statistics" if result.model.statistics is not None else "its own"
     reported = "-" if result.reported is None else f"{result.reported:.4f}"
+    check = result.onnx
     lines = [
         f"partition {result.partition} ({result.role} node), adapted from the round "
         f"{result.server_round} meta-initialization; classes {result.classes}",
@@ -277,6 +414,11 @@ def format_report(result: Export) -> str:
         f"| exported sliced model, one image at a time | {result.accuracy:.4f} |",
         f"| masked dense network (GateMode.EVAL), one image at a time | "
         f"{result.masked_dense_accuracy:.4f} |",
+        *(
+            [f"| ONNX Runtime on the exported graph, one image at a time | {check.accuracy:.4f} |"]
+            if check is not None
+            else []
+        ),
         f"| the run's reported accuracy for this node (task_accuracy.json) | {reported} |",
         f"| transductive: norm statistics of the whole query batch | "
         f"{result.transductive_accuracy:.4f} |",
@@ -286,6 +428,14 @@ def format_report(result: Export) -> str:
         f"model: {spec.describe()}, {spec.image_size}x{spec.image_size}x"
         f"{spec.in_channels}, {spec.num_classes} classes",
     ]
+    if check is not None:
+        same_open = "-" if check.same_open is None else str(check.same_open)
+        lines.append(
+            f"ONNX Runtime vs sliced, batch 1: max |logit difference| "
+            f"{check.max_logit_difference:.2e}, same prediction for every query: "
+            f"{check.same_predictions}, same open channels: {same_open}; gates in the graph: "
+            f"{check.gates}"
+        )
     return "\n".join(lines)
 
 
@@ -299,6 +449,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--partition", type=int, default=None, help="the node (default: the first target node)"
     )
     parser.add_argument("--out", type=Path, default=None, help="where to write the model file")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="torch",
+        help="torch: the sliced model file gating.deploy.load_model reads; onnx: an ONNX graph "
+        "with the gates inside, for ONNX Runtime without PyTorch (docs/edge.md)",
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument(
         "--save-queries",
@@ -309,7 +466,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "class ids (classes): the set the accuracies are computed on",
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace an existing --out or --save-queries file"
+        "--save-images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write the node's query images as PNG files DIR/000.png, ... (exactly the "
+        "model's inputs through the dataset's loader) and DIR/labels.csv",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out or --save-queries file, or the images in --save-images",
     )
     args = parser.parse_args(argv)
     try:
@@ -320,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.backend,
             queries=args.save_queries,
             force=args.force,
+            fmt=args.format,
+            images=args.save_images,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -331,10 +500,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"wrote {args.save_queries} ({len(result.classes)}-way, {len(result.query_x)} queries)"
         )
+    if args.save_images is not None:
+        print(f"wrote {len(result.query_x)} images and labels.csv into {args.save_images}")
     reported = "nan" if result.reported is None else f"{result.reported:.6f}"
-    print(f"RESULT accuracy={result.accuracy:.6f} reported={reported}")
+    accuracy = result.accuracy if result.onnx is None else result.onnx.accuracy
+    print(f"RESULT accuracy={accuracy:.6f} reported={reported}")
     if result.accuracy != result.masked_dense_accuracy or not result.masks_equal:
         print("error: the sliced model disagrees with the masked dense network", file=sys.stderr)
+        return 1
+    if result.onnx is not None and not result.onnx.agrees:
+        print("error: ONNX Runtime disagrees with the sliced model", file=sys.stderr)
         return 1
     return 0
 

@@ -12,7 +12,10 @@ from gating.data.datasets import (
     DatasetError,
     ImageDataset,
     clear_dataset_cache,
+    decode_pixels,
+    encode_pixels,
     load_dataset,
+    pixel_encoding,
     read_idx,
 )
 from gating.data.tasks import (
@@ -38,8 +41,11 @@ __all__ = [
     "build_node_task",
     "class_split",
     "clear_dataset_cache",
+    "decode_pixels",
+    "encode_pixels",
     "load_dataset",
     "node_role",
+    "pixel_encoding",
     "read_idx",
     "split_classes",
     "task_from_site_data",

@@ -30,7 +30,10 @@ __all__ = [
     "DatasetError",
     "ImageDataset",
     "clear_dataset_cache",
+    "decode_pixels",
+    "encode_pixels",
     "load_dataset",
+    "pixel_encoding",
     "read_idx",
 ]
 
@@ -130,6 +133,78 @@ def load_dataset(
 def clear_dataset_cache() -> None:
     """Forget cached datasets (frees memory; the next load re-reads the files)."""
     _load_cached.cache_clear()
+
+
+#: float32(1/255): the IDX and uint8-npz loaders multiply by it (not the same as dividing by 255
+#: in float32 for 126 of the 256 pixel values).
+_BY_255 = float(np.float32(1.0 / 255.0))
+
+
+def pixel_encoding(name: str, channels: int, image_size: int | None = None) -> dict[str, object]:
+    """How the loader of dataset ``name`` turns an image file's 8-bit pixels into the model's
+    input values, for a node that classifies image files without this project (an ONNX model's
+    metadata, docs/edge.md).
+
+    Keys: ``mode`` (Pillow's ``"L"`` or ``"RGB"``), ``op`` and ``by`` (``"divide"`` or
+    ``"multiply"`` the pixels, as float32, by ``by`` in float32), ``invert`` (then ``1 - value``),
+    ``resize`` (what the loader does to an image of another size: ``"lanczos"``, Pillow's Lanczos
+    on the 8-bit image before the scaling; ``"none"``, the data has the model's size; or
+    ``"bilinear-antialias"``, PyTorch's resize of the loaded values, which no 8-bit file
+    reproduces exactly), and ``text``, all of it in words. Values are laid out (1, C, H, W).
+    """
+    key = DatasetName(str(name).strip().lower().replace("-", "_"))
+    mode = "L" if channels == 1 else "RGB"
+    resize = "none" if image_size is None else "bilinear-antialias"
+    op, by, invert = "multiply", _BY_255, False
+    source = "8-bit pixels p (0..255)"
+    if key is DatasetName.digits:
+        op, by = "divide", 16.0
+        source = "8-bit pixels p holding scikit-learn digits' levels (0..16)"
+    elif key is DatasetName.omniglot:
+        op, by, invert, resize = "divide", 255.0, True, "lanczos"
+    elif key is DatasetName.imagefolder:
+        op, by, resize = "divide", 255.0, "lanczos"
+    formula = "p * float32(1/255)" if op == "multiply" else f"p / {by:g}"
+    text = (
+        f"{'gray' if mode == 'L' else 'RGB'} {source} -> "
+        f"{'1 - ' + formula if invert else formula} in float32, laid out (1, C, H, W)"
+    )
+    if resize == "lanczos":
+        text += "; an image of another size is first resized with Pillow's Lanczos filter"
+    elif resize == "bilinear-antialias":
+        text += "; the run resized its data (PyTorch, bilinear, antialiased) after scaling"
+    if key is DatasetName.imagefolder:
+        text += "; transparent pixels are composited onto white, EXIF orientation applied"
+    return {"mode": mode, "op": op, "by": by, "invert": invert, "resize": resize, "text": text}
+
+
+def decode_pixels(pixels: np.ndarray, encoding: dict[str, object]) -> np.ndarray:
+    """An image's 8-bit pixels (H, W) or (H, W, C) as the model's input (1, C, H, W), by
+    :func:`pixel_encoding` (what docs/edge.md's script does with numpy alone)."""
+    values = np.asarray(pixels, dtype=np.float32)
+    by = np.float32(encoding["by"])
+    values = values * by if encoding["op"] == "multiply" else values / by
+    if encoding["invert"]:
+        values = np.float32(1.0) - values
+    return values.reshape(values.shape[0], values.shape[1], -1).transpose(2, 0, 1)[None]
+
+
+def encode_pixels(values: np.ndarray, encoding: dict[str, object]) -> np.ndarray:
+    """The 8-bit pixels (H, W) or (H, W, 3) that :func:`decode_pixels` maps back to exactly
+    ``values`` (C, H, W), the loader's values of an image; a :class:`DatasetError` when there are
+    none (the run resized its data, or an npz held other floats)."""
+    values = np.asarray(values, dtype=np.float32)
+    level = np.float32(1.0) - values if encoding["invert"] else values
+    by = np.float32(encoding["by"])
+    level = level / by if encoding["op"] == "multiply" else level * by
+    pixels = np.clip(np.rint(level), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    if not np.array_equal(decode_pixels(pixels, encoding)[0], values):
+        raise DatasetError(
+            "these input values have no exact 8-bit image form under the dataset's encoding "
+            f"({encoding['text']})"
+        )
+    return pixels
 
 
 def _resolve_path(key: str, path: str | os.PathLike[str] | None) -> str | None:
