@@ -53,8 +53,9 @@ def hydra_quoted(value: str) -> str:
 
 class RunFolderGuard(Callback):
     """Before a single run writes anything (Hydra's own launch record included): refuse a
-    folder that holds results unless ``resume=true``, and a resume that cannot work. A
-    refused start therefore changes nothing in the folder."""
+    folder that holds results unless ``resume=true``, a resume that cannot work, and a folder
+    another run is writing into; then hold the folder for this run. A refused start therefore
+    changes nothing in the folder."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(str(config.hydra.run.dir))

@@ -1,7 +1,7 @@
 """Find and read finished (or failed) run folders: the input of every report.
 
 Also a job's half of failure handling in a multirun: :func:`write_failure` records in the job's
-folder why it failed; ``analysis.callbacks.SweepFailures`` lists them at the end of the sweep.
+folder why it failed; ``analysis.callbacks.SweepFolder`` lists them at the end of the sweep.
 """
 
 from __future__ import annotations

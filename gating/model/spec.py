@@ -81,7 +81,7 @@ class ModelSpec:
         :data:`DEFAULT_WIDTHS` of the architecture. Conv-N takes ``width`` and ``depth``.
     gates
         ``conditional`` (an MLP per gate on its pooled input: a decision per input) or
-        ``static`` (one learned logit per channel: the same decision for every input).
+        ``static`` (the same MLP fed a constant: one decision for every input, a learned mask).
     """
 
     in_channels: int = 1
