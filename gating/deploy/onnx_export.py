@@ -301,7 +301,7 @@ def onnx_model(
     onnx_file = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="metagater",
+        producer_name="MetaGater",
         doc_string=(
             f"{spec.describe()}, {spec.image_size}x{spec.image_size}x{spec.in_channels}, "
             f"{spec.num_classes} classes; gates {gates}"
