@@ -262,8 +262,8 @@ def stage_table(cases: list[Case], reps: int) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that pick the measured model: a finished run (B) or in-process training (A)."""
     parser.add_argument("--run-dir", type=Path, help="(B) a finished simulate.py run folder")
     parser.add_argument("--nodes", type=int, default=4, help="target nodes to adapt and measure")
     parser.add_argument("--steps", type=int, default=120, help="(A) meta-training steps")
@@ -271,6 +271,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-lr", type=float, default=1e-2, help="(A) meta Adam lr of gates")
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--reps", type=int, default=12, help="passes over the measured inputs")
+
+
+def adapted_nodes(
+    args: argparse.Namespace, log: Callable[[str], None]
+) -> tuple[DictConfig, list[Export]]:
+    """The run's (or freshly meta-trained) model adapted at the first ``--nodes`` target nodes,
+    each with the C engine, as a deployed node runs it."""
+    if args.run_dir is not None:
+        cfg, params, server_round, reg_weight = load_run(args.run_dir)
+        source = f"run {args.run_dir} (round {server_round})"
+    else:
+        cfg = train_config(args)
+        log(
+            f"(A) meta-training {args.steps} first-order steps on Fashion-MNIST 5-way 5-shot, "
+            "target ratio 0.5 (use --run-dir for a finished run)"
+        )
+        params, reg_weight = meta_train(cfg, log)
+        server_round = args.steps
+        source = f"in-process meta-training, {args.steps} first-order steps, seed {args.seed}"
+    if cfg.model.arch != "conv":
+        raise SystemExit("error: the C engine runs Conv-N only: give a Conv-N run")
+    first = cfg.federation.train_nodes
+    partitions = list(range(first, first + min(args.nodes, cfg.federation.target_nodes)))
+    exports = [
+        adapt_node(cfg, params, p, server_round, reg_weight, backend="native") for p in partitions
+    ]
+    log(f"model: {source}; adapted target nodes {partitions}")
+    return cfg, exports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--widths", default="32,64", help="widths for the synthetic-gate table")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -288,26 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     # One thread throughout: an edge device's core, and on a shared machine a second OpenMP
     # thread mostly spins waiting for a core (training too was several times slower with 2).
     torch.set_num_threads(args.threads)
-    if args.run_dir is not None:
-        cfg, params, server_round, reg_weight = load_run(args.run_dir)
-        source = f"run {args.run_dir} (round {server_round})"
-    else:
-        cfg = train_config(args)
-        log(
-            f"(A) meta-training {args.steps} first-order steps on Fashion-MNIST 5-way 5-shot, "
-            "target ratio 0.5 (use --run-dir for a finished run)"
-        )
-        params, reg_weight = meta_train(cfg, log)
-        server_round = args.steps
-        source = f"in-process meta-training, {args.steps} first-order steps, seed {args.seed}"
-    first = cfg.federation.train_nodes
-    partitions = list(range(first, first + min(args.nodes, cfg.federation.target_nodes)))
-    exports = [
-        adapt_node(cfg, params, p, server_round, reg_weight, backend="native") for p in partitions
-    ]
+    cfg, exports = adapted_nodes(args, log)
     cases = [build_case(e, cfg) for e in exports]
     spec = cases[0].export.model.spec
-    log(f"model: {source}; adapted target nodes {partitions}")
     log(f"machine: {describe_host()}")
 
     # -- main comparison: the adapted models on their real query inputs

@@ -41,18 +41,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
 import torch
-from gated_inference import latency_table, meta_train, time_interleaved, train_config
+from gated_inference import adapted_nodes, add_model_arguments, latency_table, time_interleaved
 from host import describe_host  # benchmarks/ is on sys.path: the script's folder
 
 from gating.deploy import SlicedGatedNet, native_available, sliced_model
 from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model
-from gating.export import Export, adapt_node, load_run
+from gating.export import Export
 from gating.federated.nodes import node_task
 from gating.model import GatedConvNet, ModelSpec
 
@@ -267,13 +266,7 @@ def synthetic(spec: ModelSpec, ratios: list[float], inputs: list[torch.Tensor], 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run-dir", type=Path, help="(B) a finished simulate.py run folder")
-    parser.add_argument("--nodes", type=int, default=4, help="target nodes to adapt and measure")
-    parser.add_argument("--steps", type=int, default=120, help="(A) meta-training steps")
-    parser.add_argument("--backbone-lr", type=float, default=2e-3, help="(A) meta Adam lr")
-    parser.add_argument("--gate-lr", type=float, default=1e-2, help="(A) meta Adam lr of gates")
-    parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--reps", type=int, default=12, help="passes over the measured inputs")
+    add_model_arguments(parser)
     parser.add_argument("--widths", default="64,128", help="widths for the synthetic table")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 table")
@@ -289,29 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     torch.set_num_threads(1)
-    if args.run_dir is not None:
-        cfg, params, server_round, reg_weight = load_run(args.run_dir)
-        source = f"run {args.run_dir} (round {server_round})"
-    else:
-        cfg = train_config(args)
-        log(
-            f"(A) meta-training {args.steps} first-order steps on Fashion-MNIST 5-way 5-shot, "
-            "target ratio 0.5 (use --run-dir for a finished run)"
-        )
-        params, reg_weight = meta_train(cfg, log)
-        server_round = args.steps
-        source = f"in-process meta-training, {args.steps} first-order steps, seed {args.seed}"
-    if cfg.model.arch != "conv":
-        print("error: the C engine runs Conv-N only: give a Conv-N run", file=sys.stderr)
-        return 2
-    first = cfg.federation.train_nodes
-    partitions = list(range(first, first + min(args.nodes, cfg.federation.target_nodes)))
-    exports = [
-        adapt_node(cfg, params, p, server_round, reg_weight, backend="native") for p in partitions
-    ]
+    cfg, exports = adapted_nodes(args, log)
     nodes = [build_node(e, cfg) for e in exports]
     spec = exports[0].model.spec
-    log(f"model: {source}; adapted target nodes {partitions}")
     log(f"machine: {describe_host()}, onnxruntime {onnxruntime.__version__}")
 
     # -- exactness on the measured inputs: ONNX Runtime against the sliced model
