@@ -40,6 +40,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
 if not sys.stderr.isatty() or "NO_COLOR" in os.environ:  # escape codes only on a terminal
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("NO_COLOR", "1")  # the convention colorlog (Optuna's log) follows
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -228,14 +229,14 @@ def preflight(cfg: DictConfig, out_dir: Path) -> None:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Ctrl-C or SIGTERM ask the run to stop: it ends within a poll interval, the last
-    completed round's checkpoint intact. A second Ctrl-C interrupts at once."""
+    completed round's checkpoint intact. A second Ctrl-C ends the process at once."""
     from server.federation import STOP_REQUESTED
 
     def request_stop(signum: int, frame: object) -> None:
         log.warning("%s: stopping after the round in flight", signal.Signals(signum).name)
         STOPPING.signal = signum
         STOP_REQUESTED.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, lambda signum, frame: exit_at_once("second Ctrl-C"))
 
     STOP_REQUESTED.clear()
     STOPPING.signal = signal.SIGINT
@@ -294,9 +295,14 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
             simulate(cfg, out_dir)
     except Exception as error:
         if _interrupted(error):
-            raise RunInterrupted(
-                f"stopped on request; the last completed round is checkpointed in {out_dir}"
-            ) from None
+            from server.checkpoint import CHECKPOINT_NAME
+
+            where = (
+                f"the last completed round is checkpointed in {out_dir}"
+                if (out_dir / CHECKPOINT_NAME).exists()
+                else f"no round had completed in {out_dir}"
+            )
+            raise RunInterrupted(f"stopped on request; {where}") from None
         raise
     summary = json.loads((out_dir / "summary.json").read_text())
     value = objective(cfg, summary)
@@ -354,7 +360,7 @@ def main(cfg: DictConfig) -> float | None:
     The failed job returns None: Optuna counts it as a failed trial and samples on.
     """
     from server.checkpoint import RunFolderError, hold_run_folder
-    from server.federation import RunInterrupted
+    from server.federation import STOP_REQUESTED, RunInterrupted
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -378,7 +384,7 @@ def main(cfg: DictConfig) -> float | None:
         if done is not None:
             log.info("job %s: complete in %s, not run again", hydra_cfg.job.num, out_dir)
             return objective(cfg, done)
-        return run(cfg, out_dir)
+        value = run(cfg, out_dir)
     except RunInterrupted as error:
         # SystemExit passes through Hydra's launcher, which would start the next job on any
         # Exception: one Ctrl-C ends the whole sweep.
@@ -390,6 +396,12 @@ def main(cfg: DictConfig) -> float | None:
         log.exception("job %s failed", hydra_cfg.job.num)
         write_failure(out_dir, error)
         return None
+    if STOP_REQUESTED.is_set():  # Ctrl-C in the job's last round: the job completed, still stop
+        stop(
+            f"stopped on request after job {hydra_cfg.job.num} completed; the sweep stopped: "
+            f"continue it with the same command, which skips complete jobs: {continue_command()}"
+        )
+    return value
 
 
 def continue_command() -> str:
@@ -411,13 +423,23 @@ def stop(message: str) -> NoReturn:
     raise SystemExit(128 + int(STOPPING.signal))
 
 
+def exit_at_once(why: str) -> NoReturn:
+    """End the process now, in one line. Unwinding would wait for Flower's worker threads,
+    which can block forever on a Ray that is shutting down; nothing is lost by not waiting:
+    checkpoints are replaced atomically, and Ray's processes end with their driver."""
+    print(
+        f"Stopped at once ({why}); the last completed round's checkpoint is intact: "
+        f"continue with {continue_command()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(130)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # a second Ctrl-C while the first one's stop was under way
-        print(
-            "Stopped at once (second Ctrl-C); the last completed round's checkpoint is intact: "
-            f"continue with {continue_command()}",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own stop (start-up, between jobs)
+        exit_at_once("Ctrl-C")

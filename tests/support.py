@@ -192,12 +192,14 @@ def interrupt(
     ready: Callable[[], bool],
     sig: int = signal.SIGINT,
     group: bool = True,
+    again_after: float | None = None,
 ) -> tuple[int, str, str]:
     """Start ``command`` in a session of its own, wait (at most 4 minutes) until ``ready()``,
     send ``sig`` to its whole process group (as a terminal's Ctrl-C does) or, with
-    ``group=False``, to the process alone (as a process manager's SIGTERM does), and return its
-    exit status, stdout and stderr. A stop that hangs fails after a minute and a half; whatever
-    is left is killed."""
+    ``group=False``, to the process alone (as a process manager's SIGTERM does), once more
+    ``again_after`` seconds later if given (an impatient second Ctrl-C), and return its exit
+    status, stdout and stderr. A stop that hangs fails after a minute and a half; whatever is
+    left is killed."""
     process = subprocess.Popen(
         command,
         cwd=cwd,
@@ -213,10 +215,12 @@ def interrupt(
             assert process.poll() is None, "it ended before it was ready"
             assert time.monotonic() < deadline, "it was not ready within 4 minutes"
             time.sleep(0.05)
-        if group:
-            os.killpg(process.pid, sig)
-        else:
-            process.send_signal(sig)
+        for pause in [0.0] if again_after is None else [0.0, again_after]:
+            time.sleep(pause)
+            if group:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
         out, err = process.communicate(timeout=90)
     finally:
         if process.poll() is None:

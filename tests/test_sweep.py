@@ -81,6 +81,7 @@ def test_the_readme_sweep_writes_one_folder_and_its_printed_report_command_works
         subprocess_env, None, "strategy=metagater,fedmeta", "seed=0,1", *TINY, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "\x1b[" not in result.stdout + result.stderr  # a pipe gets no colour codes
     sweep = printed_sweep_folder(result, tmp_path)
     assert [p.name for p in (tmp_path / "multirun").iterdir()] == [sweep.name]
     assert "," not in sweep.name and "strategy=metagater+fedmeta" in sweep.name
@@ -155,6 +156,7 @@ def test_optuna_search_of_3_trials_runs_and_records_its_best_parameters(tmp_path
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "\x1b[" not in result.stdout + result.stderr  # Optuna's colorlog too, in a pipe
     sweep = printed_sweep_folder(result, tmp_path)
     assert [p.name for p in (tmp_path / "multirun").iterdir()] == [sweep.name]
     trials = job_dirs(sweep)
@@ -450,6 +452,45 @@ def test_one_ctrl_c_stops_the_whole_sweep_in_one_line_and_the_same_command_conti
     assert len(jobs) == 3 and all((j / "summary.json").exists() for j in jobs)
     history = json.loads((jobs[0] / "history.json").read_text())
     assert [h["round"] for h in history] == list(range(1, 61))
+
+
+@pytest.mark.sweep
+def test_ctrl_c_after_a_jobs_last_round_still_stops_the_sweep_and_a_second_one_ends_it_at_once(
+    tmp_path, subprocess_env
+):
+    args = ["seed=0,1", *TINY, "federation.rounds=30"]
+    command = [sys.executable, str(ROOT / "simulate.py"), "-m", *args]
+    # Job 0's results are written and Flower is tearing its federation down: the job is
+    # complete, but the Ctrl-C is the user's to stop the sweep, not to end this job alone.
+    code, out, err = interrupt(
+        command,
+        tmp_path,
+        subprocess_env,
+        ready=lambda: bool(list(tmp_path.glob("multirun/*/0_*/summary.json"))),
+    )
+    assert code == 130 and "Traceback" not in out + err, err[-3000:]
+    assert [x for x in err.splitlines() if x.startswith("Stopped")], err[-3000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    (job,) = job_dirs(sweep)  # job 1 never started
+    assert (job / "summary.json").exists()
+
+    # Continued, then two Ctrl-C 0.3 s apart while job 1 trains: the second one ends the
+    # process at once instead of waiting on Flower's and Ray's threads, which could hang.
+    code, out, err = interrupt(
+        command,
+        tmp_path,
+        subprocess_env,
+        ready=lambda: bool(list(sweep.glob("1_*/checkpoint.pt"))),
+        again_after=0.3,
+    )
+    assert code == 130 and "Traceback" not in out + err, err[-3000:]
+    assert [x for x in err.splitlines() if x.startswith("Stopped")], err[-3000:]
+    (resumable,) = sweep.glob("1_*/checkpoint.pt")
+    assert 1 <= torch.load(resumable, weights_only=True)["round"] < 30
+
+    again = multirun(subprocess_env, None, *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all((j / "summary.json").exists() for j in job_dirs(sweep)) and len(job_dirs(sweep)) == 2
 
 
 def test_sweep_folder_names_are_stable_and_safe_for_flowers_manifest():
