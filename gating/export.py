@@ -502,6 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.save_images is not None:
         print(f"wrote {len(result.query_x)} images and labels.csv into {args.save_images}")
+    if result.reported is None:
+        print(
+            f"note: the run has no accuracy of its own for partition {result.partition} "
+            f"(a {result.role} node; runs evaluate their target nodes): reported=nan"
+        )
     reported = "nan" if result.reported is None else f"{result.reported:.6f}"
     accuracy = result.accuracy if result.onnx is None else result.onnx.accuracy
     print(f"RESULT accuracy={accuracy:.6f} reported={reported}")

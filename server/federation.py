@@ -5,6 +5,7 @@ Shared by simulation (``simulate.py``), ``flwr run .`` and deployments; it only 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -403,13 +404,14 @@ class FederatedRun:
         write_json(out_dir / "summary.json", summary)
         plots = plot_history(history, out_dir, cfg.gating.target_ratio) if cfg.output.plots else []
         self.tracker.finish(summary, [*plots, out_dir / "summary.json", out_dir / "history.json"])
+        ci95 = summary["accuracy_ci95"]
         log(
             INFO,
-            "results in %s: accuracy %.4f ± %.4f (before %.4f, nearest centroid %.4f), "
+            "results in %s: accuracy %.4f %s (before %.4f, nearest centroid %.4f), "
             "flops_ratio %.3f",
             out_dir,
             summary["accuracy"],
-            summary["accuracy_ci95"],
+            "(one target task: no interval)" if math.isnan(ci95) else f"± {ci95:.4f}",
             summary["accuracy_before"],
             summary["nearest_centroid_accuracy"],
             summary["flops_ratio"],

@@ -310,8 +310,8 @@ def _check_enough_classes(
     )
     fix = "lower task.ways" + (" or change task.holdout_classes" if held_out else "")
     raise DatasetError(
-        f"task.ways={spec.ways} but {who} nodes can only use {classes.size} of dataset "
-        f"{dataset.name!r}'s {dataset.num_classes} classes{detail}; {fix}"
+        f"task.ways={spec.ways} but {who} nodes can only use {classes.size} of the "
+        f"{dataset.num_classes} classes of dataset {dataset.name!r}{detail}; {fix}"
     )
 
 
