@@ -68,6 +68,8 @@ RESULT_FOLDERS = (
     "sweeps/rho,old/1_gating.target_ratio=0.3",
     "outputs/2026-12-07/10-00-00",
     "my results, 2026/run",
+    # docs/edge.md's node folder holds a virtual environment: deeper than Flower allows (10)
+    "edge/venv/lib/python3.11/site-packages/numpy-2.4.6.dist-info/licenses/numpy/random/src/pcg",
 )
 
 
