@@ -517,8 +517,10 @@ def _chance_line(ax, protocol: tuple) -> None:
         ax.axhline(1 / ways, ls=":", lw=1, color="black", label=f"chance (1/{ways})", gid=REFERENCE)
 
 
-def accuracy_vs_macs_figure(rows: list[Row], protocol: tuple) -> Figure:
-    """Accuracy against realized MACs, one point per row of ``protocol``."""
+def accuracy_vs_macs_figure(rows: list[Row], protocol: tuple, zoom: bool = False) -> Figure:
+    """Accuracy against realized MACs, one point per row of ``protocol``. The accuracy axis
+    spans [0, 1]; with ``zoom`` it spans the points and their error bars only (differences of a
+    point are invisible on [0, 1]), and the plot says its axis does not start at 0."""
     members = [r for r in rows if r.protocol == protocol]
     styles = _styles(members)
     fig, ax = plt.subplots(figsize=(7, 6), layout="constrained")
@@ -592,17 +594,27 @@ def accuracy_vs_macs_figure(rows: list[Row], protocol: tuple) -> Figure:
         notes.append("ρ next to a point: its target MAC ratio")
     if any(shift.values()):
         notes.append("points at the same MACs are drawn a few pixels apart")
+    if zoom and placed:
+        ends = [
+            r.values["accuracy"] + sign * np.nan_to_num(error_bar(r)[0])
+            for r in placed
+            for sign in (-1, 1)
+        ]
+        margin = 0.1 * (max(ends) - min(ends)) or 0.01
+        ax.set_ylim(min(ends) - margin, max(ends) + margin)
+        notes.append("accuracy axis zoomed to the points: it does not start at 0")
     fig.suptitle(f"Target-node accuracy vs compute: {protocol_name(protocol)}", fontsize=11)
     ax.set_title("\n".join(notes), fontsize=7)
     ax.set(xlabel="MACs per image (realized, gate MLP MACs included)", ylabel=Y_LABEL)
-    ax.set_ylim(0, 1.02)
+    if not zoom:
+        ax.set_ylim(0, 1.02)
     _legend(fig, ax)
     return fig
 
 
-def plot_accuracy_vs_macs(rows: list[Row], out: Path) -> list[Path]:
+def plot_accuracy_vs_macs(rows: list[Row], out: Path, zoom: bool = False) -> list[Path]:
     return [
-        _finish(accuracy_vs_macs_figure(rows, protocol), protocol, out / "accuracy_vs_macs")
+        _finish(accuracy_vs_macs_figure(rows, protocol, zoom), protocol, out / "accuracy_vs_macs")
         for protocol in sorted({r.protocol for r in rows})
     ]
 
@@ -716,7 +728,9 @@ def _finish(fig: Figure, protocol: tuple, stem: Path) -> Path:
     return path
 
 
-def report(roots: list[Path], out: Path, reference: str = StrategyName.fedmeta) -> list[Path]:
+def report(
+    roots: list[Path], out: Path, reference: str = StrategyName.fedmeta, zoom: bool = False
+) -> list[Path]:
     runs = find_runs(*roots)
     if not runs:
         raise SystemExit(f"no run folders under {', '.join(map(str, roots))}")
@@ -727,7 +741,7 @@ def report(roots: list[Path], out: Path, reference: str = StrategyName.fedmeta) 
     failed = [run for run in runs if run.failure is not None]
     written = list(write_tables(rows, failed, out, roots, reference))
     if rows:
-        written += plot_accuracy_vs_macs(rows, out) + plot_accuracy_per_round(rows, out)
+        written += plot_accuracy_vs_macs(rows, out, zoom) + plot_accuracy_per_round(rows, out)
     return written
 
 
@@ -740,8 +754,13 @@ def main(argv: list[str] | None = None) -> None:
         default=StrategyName.fedmeta.value,
         help="strategy every row is compared with task by task (default: fedmeta)",
     )
+    parser.add_argument(
+        "--zoom",
+        action="store_true",
+        help="accuracy-vs-MACs plots: fit the accuracy axis to the points instead of [0, 1]",
+    )
     args = parser.parse_args(argv)
-    written = report(args.roots, args.out or args.roots[0], args.reference)
+    written = report(args.roots, args.out or args.roots[0], args.reference, args.zoom)
     print((written[0]).read_text())
     print("written:", *written, sep="\n  ")
 

@@ -239,6 +239,15 @@ def sweep(tmp_path: Path) -> Path:
     return root
 
 
+def test_a_zoomed_accuracy_axis_spans_the_points_and_says_it_does_not_start_at_zero(sweep):
+    rows = build_rows(find_runs(sweep))
+    fig = accuracy_vs_macs_figure(rows, rows[0].protocol, zoom=True)
+    low, high = fig.axes[0].get_ylim()
+    assert 0.5 < low < 0.6 and 0.8 < high < 0.9  # the points lie between 0.6 and 0.8
+    assert "does not start at 0" in "\n".join(texts(fig))
+    assert_single_points_visible(fig.axes[0])
+
+
 def test_accuracy_vs_macs_names_error_bars_keeps_points_apart_and_spans_zero(sweep):
     rows = build_rows(find_runs(sweep))
     protocol = rows[0].protocol
