@@ -271,6 +271,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gate-lr", type=float, default=1e-2, help="(A) meta Adam lr of gates")
     parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--reps", type=int, default=12, help="passes over the measured inputs")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def adapted_nodes(
@@ -306,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--widths", default="32,64", help="widths for the synthetic-gate table")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:

@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--widths", default="64,128", help="widths for the synthetic table")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 table")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     def log(line: str) -> None:
