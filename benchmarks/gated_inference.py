@@ -206,9 +206,12 @@ def latency_table(times: dict[str, list[float]], names: list[str], baseline: str
     return lines
 
 
-def synthetic_case(spec: ModelSpec, layer_ratios: list[float], inputs: list[torch.Tensor]):
-    """A random width-``spec.width`` network whose gates open a fixed share of channels per layer
-    (the trained model's ratios): the cost structure of a gated model at another width."""
+def fixed_share_network(
+    spec: ModelSpec, layer_ratios: list[float], gate_weight: float = 0.0
+) -> GatedConvNet:
+    """A random width-``spec.width`` network whose gates open a fixed share of channels per
+    layer (the trained model's ratios), chosen at random by the gates' last bias. Gate weights
+    of 0 make the gates constant; a tiny ``gate_weight`` keeps them computed from the input."""
     torch.manual_seed(0)
     net = GatedConvNet(spec)
     with torch.no_grad():
@@ -216,8 +219,15 @@ def synthetic_case(spec: ModelSpec, layer_ratios: list[float], inputs: list[torc
             keep = max(1, round(ratio * spec.width))
             bias = torch.full((spec.width,), -1.0)
             bias[torch.randperm(spec.width)[:keep]] = 1.0
-            layer.fc2.weight.zero_()
+            layer.fc2.weight.fill_(gate_weight)
             layer.fc2.bias.copy_(bias)
+    return net
+
+
+def synthetic_case(spec: ModelSpec, layer_ratios: list[float], inputs: list[torch.Tensor]):
+    """The cost structure of a gated model at another width: :func:`fixed_share_network` on the
+    C engine and in PyTorch ops."""
+    net = fixed_share_network(spec, layer_ratios)
     params = {n: p.detach() for n, p in net.named_parameters()}
     native = SlicedGatedNet(spec, params, backend="native")
     ratio = float(np.mean([native.flops_ratio(native.forward_with_open(x)[1]) for x in inputs]))

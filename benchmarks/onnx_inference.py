@@ -46,14 +46,20 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from gated_inference import adapted_nodes, add_model_arguments, latency_table, time_interleaved
+from gated_inference import (
+    adapted_nodes,
+    add_model_arguments,
+    fixed_share_network,
+    latency_table,
+    time_interleaved,
+)
 from host import describe_host  # benchmarks/ is on sys.path: the script's folder
 
 from gating.deploy import SlicedGatedNet, native_available, sliced_model
 from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model
 from gating.export import Export
 from gating.federated.nodes import node_task
-from gating.model import GatedConvNet, ModelSpec
+from gating.model import ModelSpec
 
 ORT_NAMES = ["ort_gated", "ort_dense", "ort_dense_ext", "ort_static"]
 C_NAMES = ["c_sliced", "c_dense"]
@@ -231,15 +237,7 @@ def predictions(runtime: onnxruntime.InferenceSession, inputs: list[torch.Tensor
 def synthetic(spec: ModelSpec, ratios: list[float], inputs: list[torch.Tensor], reps: int):
     """A random width-``spec.width`` network whose gates open the trained per-layer shares of
     channels, kept conditional (tiny fc2 weights): ORT gated and dense, and the C engine."""
-    torch.manual_seed(0)
-    net = GatedConvNet(spec)
-    with torch.no_grad():
-        for layer, ratio in zip(net.gate, ratios, strict=True):
-            keep = max(1, round(ratio * spec.width))
-            bias = torch.full((spec.width,), -1.0)
-            bias[torch.randperm(spec.width)[:keep]] = 1.0
-            layer.fc2.weight.fill_(1e-6)  # decided in the graph, as the trained gates are
-            layer.fc2.bias.copy_(bias)
+    net = fixed_share_network(spec, ratios, gate_weight=1e-6)  # decided in the graph
     params = {n: p.detach() for n, p in net.named_parameters()}
     support = torch.rand(10, spec.in_channels, spec.image_size, spec.image_size)
     with torch.no_grad():
