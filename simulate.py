@@ -203,7 +203,7 @@ def preflight(cfg: DictConfig, out_dir: Path) -> None:
     classes for ``task.ways``, too few samples per class, images the model cannot take, a
     checkpoint to resume from that holds another network. Every node checks both roles'
     classes, so building one training and one target node here finds what every node would."""
-    from gating.federated.nodes import node_task
+    from gating.federated.nodes import partition_task
     from gating.federated.settings import initial_parameters, model_spec
     from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from server.tracking import check_tracking_store
@@ -211,9 +211,8 @@ def preflight(cfg: DictConfig, out_dir: Path) -> None:
     gpu_resources(cfg)
     check_tracking_store(cfg.tracking.backend, cfg.tracking.uri)
     fed = cfg.federation
-    partitions = fed.train_nodes + fed.target_nodes
-    for partition in (0, partitions - 1):
-        task = node_task(cfg, {"partition-id": partition, "num-partitions": partitions})
+    for partition in (0, fed.train_nodes + fed.target_nodes - 1):
+        task = partition_task(cfg, partition)
     spec = model_spec(cfg, task)
     if cfg.resume and (out_dir / CHECKPOINT_NAME).exists():  # a checkpoint of another network
         saved = load_checkpoint(out_dir / CHECKPOINT_NAME)["strategy"]["params"]

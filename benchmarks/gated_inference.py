@@ -49,7 +49,6 @@ from conf.choices import StrategyName
 from conf.schema import default_config, validate
 from gating.deploy import SlicedGatedNet, native_available
 from gating.export import Export, adapt_node, load_run
-from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation, BareRound
 from gating.model import GatedConvNet, GateMode, ModelSpec, dense_macs, layer_costs
 
@@ -115,15 +114,8 @@ class Case:
 
 def build_case(export: Export, cfg: DictConfig) -> Case:
     model = export.model
-    task = node_task(
-        cfg,
-        {
-            "partition-id": export.partition,
-            "num-partitions": cfg.federation.train_nodes + cfg.federation.target_nodes,
-        },
-    )
-    episode = task.fixed_episode()
-    inputs = [episode.query_x[i : i + 1].contiguous() for i in range(len(episode.query_y))]
+    assert export.query_x is not None
+    inputs = [export.query_x[i : i + 1].contiguous() for i in range(len(export.query_x))]
     module = GatedConvNet(model.spec)
     module.load_state_dict(model.params, strict=True)
     module.eval()

@@ -39,7 +39,6 @@ from host import describe_host
 from conf.choices import ModelArch
 from gating.deploy import SlicedGatedResNet
 from gating.export import adapt_node, load_run
-from gating.federated.nodes import node_task
 from gating.model import GatedResNet, GateMode, ModelSpec, NormStats
 
 NAMES = ["torch_dense", "torch_sliced", "masked_dense", "module_dense"]
@@ -71,12 +70,8 @@ def run_cases(run_dir: Path, nodes: int, log) -> list[tuple[SlicedGatedResNet, l
         export = adapt_node(cfg, params, partition, server_round, reg_weight, backend="torch")
         if not isinstance(export.model, SlicedGatedResNet):
             raise SystemExit(f"{run_dir} is not a ResNet run: use benchmarks/gated_inference.py")
-        task = node_task(
-            cfg,
-            {"partition-id": partition, "num-partitions": first + cfg.federation.target_nodes},
-        )
-        episode = task.fixed_episode()
-        inputs = [episode.query_x[i : i + 1].contiguous() for i in range(len(episode.query_y))]
+        assert export.query_x is not None
+        inputs = [export.query_x[i : i + 1].contiguous() for i in range(len(export.query_x))]
         cases.append((export.model, inputs))
         log(
             f"node {partition}: query accuracy sliced {export.accuracy:.3f} = masked dense "

@@ -40,15 +40,14 @@ from host import compose_config, describe_host  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 import simulate  # noqa: E402
-from gating.federated.nodes import node_task  # noqa: E402
+from gating.federated.nodes import partition_task  # noqa: E402
 from gating.federated.settings import initial_parameters, model_spec  # noqa: E402
 from gating.federated.updates import ClientRound, client_update  # noqa: E402
 
 
 def update_seconds(cfg: DictConfig, devices: list[str], reps: int) -> dict[str, float]:
     """Median seconds of one client update per device, interleaved rep by rep."""
-    fed = cfg.federation
-    task = node_task(cfg, {"partition-id": 0, "num-partitions": fed.train_nodes + fed.target_nodes})
+    task = partition_task(cfg, 0)
     params = initial_parameters(model_spec(cfg, task), cfg.seed)
     times: dict[str, list[float]] = {d: [] for d in devices}
     for rep in range(reps + 1):  # the first rep warms up (CUDA context, kernels, caches)

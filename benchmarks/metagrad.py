@@ -56,7 +56,7 @@ from torch.utils._pytree import tree_leaves
 from conf.choices import TRAITS, StrategyName
 from conf.schema import default_config, validate
 from gating.data import DatasetError
-from gating.federated.nodes import node_task
+from gating.federated.nodes import partition_task
 from gating.federated.settings import (
     initial_parameters,
     meta_config,
@@ -138,8 +138,7 @@ def setup(
         validate(cfg)
         configs[name] = meta_config(cfg, float(cfg.gating["lambda"]) if cfg.gating.enabled else 0)
     assert cfg is not None
-    fed = cfg.federation
-    task = node_task(cfg, {"partition-id": 0, "num-partitions": fed.train_nodes + fed.target_nodes})
+    task = partition_task(cfg, 0)
     spec = model_spec(cfg, task)
     rng = np.random.default_rng(seed)
 

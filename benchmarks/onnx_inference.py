@@ -58,7 +58,6 @@ from host import describe_host  # benchmarks/ is on sys.path: the script's folde
 from gating.deploy import SlicedGatedNet, native_available, sliced_model
 from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model
 from gating.export import Export
-from gating.federated.nodes import node_task
 from gating.model import ModelSpec
 
 ORT_NAMES = ["ort_gated", "ort_dense", "ort_dense_ext", "ort_static"]
@@ -121,14 +120,13 @@ def build_node(export: Export, cfg) -> Node:
     hits = sum(
         all(np.array_equal(a, b) for a, b in zip(op, frequent, strict=True)) for op in opened
     )
-    num = cfg.federation.train_nodes + cfg.federation.target_nodes
-    task = node_task(cfg, {"partition-id": export.partition, "num-partitions": num})
+    assert export.support_x is not None
     return Node(
         export=export,
         graph=onnx_model(model),
         dense=onnx_model(model, dense=True),
         static=onnx_model(static_at(model, frequent)),
-        support=task.fixed_episode().support_x.numpy(),
+        support=export.support_x.numpy(),
         inputs=inputs,
         opened=opened,
         static_hits=hits,

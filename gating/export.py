@@ -50,9 +50,9 @@ from conf.schema import RUN_ONLY_KEYS, changed_settings, saved_flat, settings_fr
 from gating.data import DatasetError, encode_pixels, load_dataset, pixel_encoding
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.budget import RegularizerWeight
-from gating.federated.nodes import node_task
-from gating.federated.settings import meta_config, model_for, model_spec, seed_torch
-from gating.meta import Batch, accuracy, adapt, deployed_stats, forward
+from gating.federated.nodes import partition_task
+from gating.federated.target import adapt_target_node
+from gating.meta import accuracy, forward
 from gating.model import GateMode, gate_shapes
 
 CHECKPOINT = "checkpoint.pt"
@@ -115,6 +115,7 @@ class Export:
     # the node's query set, which `accuracy` and the run's figure are computed on
     query_x: Tensor | None = field(default=None, repr=False)  # (N, C, H, W) float32
     query_y: Tensor | None = field(default=None, repr=False)  # (N,) node-local labels
+    support_x: Tensor | None = field(default=None, repr=False)  # what the node adapted on
 
     def metadata(self) -> dict[str, object]:
         return {
@@ -138,23 +139,12 @@ def adapt_node(
     """One ``Adapt`` of node ``partition`` from the meta-initialization ``params``, exactly as
     its ClientApp evaluates it in round ``server_round`` with λ = ``reg_weight``, and the sliced
     model of the result."""
-    num_partitions = cfg.federation.train_nodes + cfg.federation.target_nodes
-    task = node_task(cfg, {"partition-id": partition, "num-partitions": num_partitions})
-    spec = model_spec(cfg, task)
-    model = model_for(spec)
-    episode = task.fixed_episode()
-    support = Batch(episode.support_x, episode.support_y)
-    meta_cfg = meta_config(cfg, reg_weight)
-    initial = {
-        n: t.detach().to(torch.float32).clone().requires_grad_(True) for n, t in params.items()
-    }
-    with torch.random.fork_rng():  # the client's gate-noise seed, without touching the caller's
-        seed_torch(cfg.seed, task.partition_id, server_round, 1)
-        adapted = {n: t.detach() for n, t in adapt(model, initial, support, meta_cfg).items()}
-    stats = deployed_stats(model, adapted, support.x, meta_cfg)
+    node = adapt_target_node(cfg, partition_task(cfg, partition), params, server_round, reg_weight)
+    task, spec, model, meta_cfg = node.task, node.spec, node.model, node.meta_cfg
+    adapted, stats = node.adapted, node.stats
     sliced = sliced_model(spec, adapted, backend=backend, statistics=stats.frozen)
 
-    query_x, query_y = episode.query_x, episode.query_y
+    query_x, query_y = node.query.x, node.query.y
     sliced_preds, dense_preds, ratios, opened_all = [], [], [], []
     max_diff, masks_equal = 0.0, True
     with torch.no_grad():
@@ -188,6 +178,7 @@ def adapt_node(
         layer_active=[float(r) for r in np.mean(opened_all, axis=0) / gate_channels],
         query_x=query_x,
         query_y=query_y,
+        support_x=node.support.x,
         dataset=str(cfg.dataset.name),
         class_names=[names[c] for c in task.classes],
         preprocessing=pixel_encoding(cfg.dataset.name, spec.in_channels, cfg.dataset.image_size),

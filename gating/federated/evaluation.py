@@ -16,14 +16,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from gating.data import NodeTask
-from gating.federated.settings import (
-    meta_config,
-    model_for,
-    model_spec,
-    resolve_device,
-    seed_torch,
-)
-from gating.meta import Batch, evaluate_adaptation, nearest_centroid_accuracy
+from gating.federated.settings import model_spec, resolve_device
+from gating.federated.target import adapt_target_node
+from gating.meta import nearest_centroid_accuracy, query_metrics
 from gating.model import dense_macs
 from gating.model.conditionality import input_dependent_share, node_dependent_share
 from gating.stats import mean_ci95
@@ -52,16 +47,11 @@ def evaluate_node(
     reg_weight: float,
 ) -> dict[str, Any]:
     """One ``Adapt`` on the node's support episode; metrics on its query episode."""
-    spec = model_spec(cfg, task)
-    model = model_for(spec)
     device = resolve_device(cfg.device)
-    episode = task.fixed_episode()
-    support = Batch(episode.support_x.to(device), episode.support_y.to(device))
-    query = Batch(episode.query_x.to(device), episode.query_y.to(device))
-    initial = {n: t.to(device) for n, t in params.items()}
-    seed_torch(cfg.seed, task.partition_id, server_round, 1)
-    result = evaluate_adaptation(model, initial, support, query, meta_config(cfg, reg_weight))
-    after, before = result["after"], result["before"]
+    node = adapt_target_node(cfg, task, params, server_round, reg_weight, device)
+    model, spec, support, query = node.model, node.spec, node.support, node.query
+    before = query_metrics(model, node.initial, support, query, node.meta_cfg)
+    after = query_metrics(model, node.adapted, support, query, node.meta_cfg, node.stats)
     # MACs relative to the configured network: a narrowed one (fedmeta_narrow) pays less
     dense = float(dense_macs(model_spec(cfg, task, narrow=False)))
     macs = after.get("macs", float(dense_macs(spec)))

@@ -68,6 +68,16 @@ def node_task(cfg: DictConfig, node_config: dict[str, Any]) -> NodeTask:
     )
 
 
+def partition_task(cfg: DictConfig, partition: int) -> NodeTask:
+    """Partition ``partition`` of the run's dataset, as a simulated node of this run holds it
+    (``num-partitions`` = training + target nodes): what the tools rebuild a node from."""
+    fed = cfg.federation
+    return node_task(
+        cfg,
+        {PARTITION_ID: partition, NUM_PARTITIONS: fed.train_nodes + fed.target_nodes},
+    )
+
+
 def site_task(cfg: DictConfig, node_config: dict[str, Any]) -> NodeTask:
     """The task of a real site: its own files at ``data-path``, in its ``role``.
 

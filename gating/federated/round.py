@@ -20,7 +20,7 @@ from conf.choices import Weighting
 from gating.data import NodeTask
 from gating.federated.aggregation import AggregationRule
 from gating.federated.budget import RegularizerWeight
-from gating.federated.nodes import node_task
+from gating.federated.nodes import partition_task
 from gating.federated.server_step import Params, ServerStep
 from gating.federated.settings import (
     initial_parameters,
@@ -110,11 +110,8 @@ class BareFederation:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        fed = cfg.federation
-        num_partitions = fed.train_nodes + fed.target_nodes
-        self.tasks: dict[int, NodeTask] = {
-            p: node_task(cfg, {"partition-id": p, "num-partitions": num_partitions})
-            for p in range(fed.train_nodes)  # node_role: the first partitions train
+        self.tasks: dict[int, NodeTask] = {  # node_role: the first partitions train
+            p: partition_task(cfg, p) for p in range(cfg.federation.train_nodes)
         }
         self.spec = model_spec(cfg, self.tasks[0])
         self.step = server_step_for(cfg, initial_parameters(self.spec, cfg.seed))

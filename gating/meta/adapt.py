@@ -298,12 +298,20 @@ def deployed_stats(
 
 
 @torch.no_grad()
-def _evaluate(
-    model: GatedModel, params: Params, support: Batch, query: Batch, cfg: MetaConfig
+def query_metrics(
+    model: GatedModel,
+    params: Params,
+    support: Batch,
+    query: Batch,
+    cfg: MetaConfig,
+    stats: NormStats | None = None,
 ) -> dict[str, object]:
-    """Query metrics as a deployed node gets them (one input at a time), and the transductive
-    accuracy (norm statistics of the whole query batch) beside it for the literature."""
-    stats = deployed_stats(model, params, support.x, cfg)
+    """Query metrics of ``params`` as a deployed node gets them (one input at a time, norm
+    statistics ``stats``, by default :func:`deployed_stats` of the support set), and the
+    transductive accuracy (norm statistics of the whole query batch) beside it for the
+    literature."""
+    if stats is None:
+        stats = deployed_stats(model, params, support.x, cfg)
     out = forward(model, params, query.x, cfg.eval_mode, cfg, stats)
     batch = forward(model, params, query.x, cfg.eval_mode, cfg)
     metrics: dict[str, object] = {
@@ -317,18 +325,3 @@ def _evaluate(
         metrics["macs"] = float(realized_macs(model.spec, out.trace).mean())
         metrics["open_frequency"] = open_frequencies(out.trace).tolist()
     return metrics
-
-
-def evaluate_adaptation(
-    model: GatedModel,
-    initial: Mapping[str, Tensor],
-    support: Batch,
-    query: Batch,
-    cfg: MetaConfig,
-) -> dict[str, object]:
-    """What a new node gets: query metrics of the meta-init and of one Adapt on its support set."""
-    params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
-    before = _evaluate(model, params, support, query, cfg)
-    adapted = {n: p.detach() for n, p in adapt(model, params, support, cfg).items()}
-    after = _evaluate(model, adapted, support, query, cfg)
-    return {"before": before, "after": after}
