@@ -8,21 +8,23 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Message
 
-from gating.federated.protocol import METRICS, NODE, NUM_EXAMPLES, PARTITION_KEY, UPDATE
+from gating.federated.protocol import (
+    METRICS,
+    NODE,
+    NUM_EXAMPLES,
+    PARTITION_KEY,
+    TRAIN_METRIC_RANGES,
+    UPDATE,
+    range_problem,
+)
 from gating.federated.server_step import RoundFailed
 
 __all__ = ["RoundFailed", "node_problem", "read_update", "train_metrics_problem"]
 
-#: What a training reply may report besides its example count, and the plausible range.
+#: The dtypes an update's arrays may have (what torch takes natively).
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: The model is float32: a finite float64 beyond this becomes inf in it.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-TRAIN_METRIC_RANGES = {
-    "query-loss": (0.0, math.inf),
-    "query-accuracy": (0.0, 1.0),
-    "flops-ratio": (0.0, 2.0),
-    "deployed-flops-ratio": (0.0, 2.0),
-}
 
 
 def read_update(
@@ -69,16 +71,7 @@ def read_update(
 
 def train_metrics_problem(msg: Message) -> str | None:
     """Why a training reply's measurements cannot be believed, or None."""
-    metrics = msg.content.metric_records[METRICS]
-    for key, (low, high) in TRAIN_METRIC_RANGES.items():
-        value = metrics.get(key)
-        if value is None:
-            return f"no {key} in its metrics"
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"{key} is {value!r}, not a number"
-        if not math.isfinite(value) or not low <= value <= high:
-            return f"{key}={value} is outside [{low}, {high}]"
-    return None
+    return range_problem(msg.content.metric_records[METRICS], TRAIN_METRIC_RANGES)
 
 
 #: What a node may report about its data: anything else is a broken or lying node.

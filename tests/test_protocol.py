@@ -8,7 +8,16 @@ from omegaconf.errors import ReadonlyConfigError
 
 from conf.schema import default_config, settings_from_flat, to_flat
 from gating.federated import protocol
-from gating.federated.protocol import REG_WEIGHT_KEY, ROUND_KEY, decode_config, encode_config
+from gating.federated.evaluation import report_problem
+from gating.federated.protocol import (
+    REG_WEIGHT_KEY,
+    REPORT_RANGES,
+    ROUND_KEY,
+    TRAIN_METRIC_RANGES,
+    decode_config,
+    encode_config,
+    range_problem,
+)
 
 
 def changed_config():
@@ -63,3 +72,33 @@ def test_decoded_config_is_read_only_and_errors_are_not_cached():
     for _ in range(2):
         with pytest.raises(KeyError, match=r"task\.wayz"):
             decode_config({**to_flat(default_config()), "task.wayz": 3})
+
+
+def plausible_report(**changes):
+    report = {key: (low + min(high, 1.0)) / 2 for key, (low, high) in REPORT_RANGES.items()}
+    report.update({"dense-macs": 1000.0, "layer-active": [1.0, 0.5], "open-frequency": [1.0] * 4})
+    return {**report, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({}, None),
+        ({"accuracy": 1.5}, "accuracy=1.5 is outside [0.0, 1.0]"),
+        ({"loss": float("nan")}, "loss=nan is outside"),
+        ({"macs": True}, "macs is True, not a number"),
+        ({"flops-ratio": None}, "no flops-ratio"),
+        ({"layer-active": [1.0]}, "layer-active must list 2 ratios"),
+        ({"open-frequency": [1.0, 1.0, 1.0, 2.0]}, "open-frequency values must lie in [0, 1]"),
+    ],
+)
+def test_one_range_check_judges_training_replies_and_evaluation_reports(changes, reason):
+    """Training metrics and target-node reports go through the same check (range_problem)."""
+    problem = report_problem(plausible_report(**changes), layers=2, channels=4)
+    assert problem == reason or (reason is not None and problem.startswith(reason))
+    train = {
+        key: high if high < float("inf") else 3.0 for key, (_, high) in TRAIN_METRIC_RANGES.items()
+    }
+    assert range_problem(train, TRAIN_METRIC_RANGES) is None
+    lying = {**train, "query-accuracy": 1.01}
+    assert range_problem(lying, TRAIN_METRIC_RANGES) == "query-accuracy=1.01 is outside [0.0, 1.0]"

@@ -7,7 +7,6 @@ run's figures (mean and 95% interval over tasks, one task per node).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from gating.data import NodeTask
+from gating.federated.protocol import REPORT_RANGES, range_problem
 from gating.federated.settings import model_spec, resolve_device
 from gating.federated.target import adapt_target_node
 from gating.meta import nearest_centroid_accuracy, query_metrics
@@ -71,30 +71,11 @@ def evaluate_node(
     }
 
 
-#: Valid ranges of a target node's report: values outside mean a broken or lying node.
-_RANGES = {
-    "accuracy": (0.0, 1.0),
-    "accuracy-transductive": (0.0, 1.0),
-    "accuracy-before": (0.0, 1.0),
-    "nearest-centroid-accuracy": (0.0, 1.0),
-    "loss": (0.0, math.inf),
-    "flops-ratio": (0.0, 2.0),
-    "macs": (0.0, math.inf),
-    "dense-macs": (1.0, math.inf),
-}
-
-
 def report_problem(report: Mapping[str, Any], layers: int, channels: int) -> str | None:
     """Why a target node's report cannot be counted, or None when it is plausible: ``layers``
     gates and ``channels`` gated channels in all (0 for a dense model)."""
-    for key, (low, high) in _RANGES.items():
-        value = report.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"{key} is {value!r}, not a number"
-        if not math.isfinite(value):
-            return f"{key} is {value}"
-        if not low <= value <= high:
-            return f"{key}={value} is outside [{low}, {high}]"
+    if problem := range_problem(report, REPORT_RANGES):
+        return problem
     active = report.get("layer-active")
     if not isinstance(active, list | tuple) or len(active) != layers:
         return f"layer-active must list {layers} ratios, got {active!r}"

@@ -7,6 +7,7 @@ the Flower shells wrap them in records.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -26,11 +27,47 @@ REG_WEIGHT_KEY = "reg-weight"
 NUM_EXAMPLES = "num-examples"
 PARTITION_KEY = "partition-id"
 PER_ROUND_KEYS = (ROUND_KEY, REG_WEIGHT_KEY)
-#: What a training reply measured besides its example count (weighted means per round).
-TRAIN_METRICS = ("query-loss", "query-accuracy", "flops-ratio", "deployed-flops-ratio")
+#: What a training reply measured besides its example count (weighted means per round), and
+#: each figure's plausible range: a value outside it means a broken or lying node.
+TRAIN_METRIC_RANGES = {
+    "query-loss": (0.0, math.inf),
+    "query-accuracy": (0.0, 1.0),
+    "flops-ratio": (0.0, 2.0),
+    "deployed-flops-ratio": (0.0, 2.0),
+}
+TRAIN_METRICS = tuple(TRAIN_METRIC_RANGES)
+#: The numbers of a target node's evaluation report (``gating.federated.evaluation``) and
+#: their plausible ranges, as above.
+REPORT_RANGES = {
+    "accuracy": (0.0, 1.0),
+    "accuracy-transductive": (0.0, 1.0),
+    "accuracy-before": (0.0, 1.0),
+    "nearest-centroid-accuracy": (0.0, 1.0),
+    "loss": (0.0, math.inf),
+    "flops-ratio": (0.0, 2.0),
+    "macs": (0.0, math.inf),
+    "dense-macs": (1.0, math.inf),
+}
 #: What the training replies measure on the clients' own data and no mechanism privatizes:
 #: under DP the server neither publishes nor acts on them (the deployed ratio goes through one).
 UNRELEASED_UNDER_DP = ("query-loss", "query-accuracy", "flops-ratio")
+
+
+def range_problem(
+    values: Mapping[str, Any], ranges: Mapping[str, tuple[float, float]]
+) -> str | None:
+    """Why a reply's reported numbers cannot be believed (one missing, not a finite number, or
+    outside its range), or None: the one check for training replies and evaluation reports."""
+    for key, (low, high) in ranges.items():
+        value = values.get(key)
+        if value is None:
+            return f"no {key} in its metrics"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{key} is {value!r}, not a number"
+        if not math.isfinite(value) or not low <= value <= high:
+            return f"{key}={value} is outside [{low}, {high}]"
+    return None
+
 
 # A flat config as a hashable key: (name, type name, value) per entry, lists as tuples. The type
 # is part of the key because 1, 1.0 and True hash alike but need not decode alike.
