@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
 from conf.choices import Weighting
@@ -25,6 +26,7 @@ from conf.schema import to_flat
 from gating.data import DatasetError, class_split, load_dataset
 from gating.federated.budget import CHECKPOINT_KEY as REGULARIZER_STATE
 from gating.federated.budget import RegularizerWeight
+from gating.federated.evaluation import scalar_figures
 from gating.federated.privacy import epsilon
 from gating.federated.protocol import (
     CONFIG,
@@ -246,7 +248,7 @@ class FederatedRun:
         OmegaConf.save(cfg, out_dir / "config.yaml")
         record_class_split(cfg, out_dir)
 
-        if type(grid).__name__ == "InMemoryGrid":  # simulation: polling a local queue is cheap
+        if isinstance(grid, InMemoryGrid):  # simulation: polling a local queue is cheap
             grid.pull_interval = POLL_IN_SIMULATION
         roster = discover(grid, cfg)
         self.spec = spec_for(cfg, roster.channels, roster.image_size)
@@ -301,14 +303,15 @@ class FederatedRun:
             encode_config(self.flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
         )
 
-    def evaluate(self, server_round: int, everyone: bool) -> dict[str, float]:
+    def evaluate(self, server_round: int, everyone: bool) -> dict[str, Any]:
+        """The target nodes' summary (:meth:`MetaLearningStrategy.summarize_evaluation`), or
+        {} when none reported."""
         strategy, config = self.strategy, self.round_config(server_round)
         messages = list(
             strategy.configure_evaluate(server_round, self.arrays, config, self.grid, everyone)
         )
         replies = exchange(self.grid, messages, self.cfg.federation.timeout)
-        evaluation = strategy.aggregate_evaluate(server_round, replies)
-        return {} if evaluation is None else {k: float(v) for k, v in evaluation.items()}
+        return strategy.summarize_evaluation(server_round, replies) or {}
 
     def train_round(self, server_round: int) -> dict[str, Any]:
         """One round: sample, exchange, aggregate; the record for the history."""
@@ -344,7 +347,7 @@ class FederatedRun:
             record = self.train_round(server_round)
             final = server_round == fed.rounds
             if not final and server_round % fed.eval_every == 0:
-                record.update(self.evaluate(server_round, everyone=False))
+                record.update(scalar_figures(self.evaluate(server_round, everyone=False)))
             record["seconds"] = time.monotonic() - round_start
             self.history.append(record)
             append_history(self.out_dir, record)
@@ -371,8 +374,8 @@ class FederatedRun:
         """
         cfg, fed, out_dir, history = self.cfg, self.cfg.federation, self.out_dir, self.history
         evaluation_start = time.monotonic()
-        self.strategy.last_evaluation = {}  # a periodic result must not pass for the final one
-        final_record = self.evaluate(fed.rounds, everyone=True)
+        final_eval = self.evaluate(fed.rounds, everyone=True)
+        final_record: dict[str, Any] = scalar_figures(final_eval)
         final_record["evaluation_seconds"] = time.monotonic() - evaluation_start
         history[-1].update(final_record)
         append_history(out_dir, {"round": fed.rounds, **final_record})
@@ -380,7 +383,6 @@ class FederatedRun:
         self.reporter.close()
         self.tracker.round(history[-1])
         write_json(out_dir / "history.json", history)
-        final_eval = self.strategy.last_evaluation
         if not final_eval:
             raise FederationError("the final evaluation got no result from any target node")
         write_json(out_dir / TASK_ACCURACY_FILE, final_eval["task_accuracy"])

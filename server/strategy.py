@@ -88,7 +88,6 @@ class MetaLearningStrategy(Strategy):
         self.min_train_replies = min_train_replies
         self.eval_nodes = eval_nodes
         self.sampler = NodeSampler(seed)
-        self.last_evaluation: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ state
     def arrays(self) -> ArrayRecord:
@@ -254,6 +253,16 @@ class MetaLearningStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Flower's form of :meth:`summarize_evaluation`: its scalars."""
+        summary = self.summarize_evaluation(server_round, replies)
+        return None if summary is None else MetricRecord(scalar_figures(summary))
+
+    def summarize_evaluation(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> dict[str, Any] | None:
+        """The run's figures from the target nodes' plausible reports
+        (:func:`gating.federated.evaluation.summarize`: per-task accuracies and per-layer lists
+        included), or None when none reported."""
         partition_of = {node: p for p, node in self.target_nodes.items()}
         reports: dict[int, dict[str, Any]] = {}
         for msg in replies:
@@ -292,5 +301,4 @@ class MetaLearningStrategy(Strategy):
         if not reports:
             log(WARNING, "round %d: no target node reported", server_round)
             return None
-        self.last_evaluation = summarize(reports)
-        return MetricRecord(scalar_figures(self.last_evaluation))
+        return summarize(reports)

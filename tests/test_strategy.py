@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from gating.federated.aggregation import AggregationRule
+from gating.federated.evaluation import scalar_figures
 from gating.federated.protocol import METRICS, NODE, NUM_EXAMPLES, UPDATE
 from gating.federated.server_step import ServerStep
 from gating.stats import mean_ci95
@@ -273,18 +274,20 @@ def test_evaluation_aggregates_over_target_tasks_with_a_95_percent_t_interval():
         )
         for i, (m, acc, frequency) in enumerate(zip(messages, accuracies, frequencies, strict=True))
     ]
-    metrics = strategy.aggregate_evaluate(3, replies)
+    summary = strategy.summarize_evaluation(3, replies)
+    metrics = strategy.aggregate_evaluate(3, replies)  # Flower's form: the scalars
+    assert dict(metrics) == scalar_figures(summary)
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert metrics["accuracy_ci95"] == pytest.approx(
         stats.t.ppf(0.975, 1) * np.std(accuracies, ddof=1) / math.sqrt(2)
     )
     assert metrics["target_tasks"] == 2
-    assert strategy.last_evaluation["layer_active"] == [1.0, 0.5]
+    assert summary["layer_active"] == [1.0, 0.5]
     # one channel of four varies with the input at each node; two differ between the nodes
     assert metrics["input_dependent_share"] == pytest.approx(0.25)
     assert metrics["node_dependent_share"] == pytest.approx(0.5)
     # per target partition, so that runs on the same target tasks can be paired
-    assert strategy.last_evaluation["task_accuracy"] == {"4": 0.6, "5": 0.9}
+    assert summary["task_accuracy"] == {"4": 0.6, "5": 0.9}
     mean, half = mean_ci95([1.0])
     assert mean == 1.0 and math.isnan(half)
 
