@@ -102,10 +102,9 @@ class GatingConfig:
     lambda_lr: float = 0.5
     where: RegularizerWhere = RegularizerWhere.both  # where the regularizer enters the loss
     temperature: float = 2 / 3
-    # Relaxed gates in training, R on the deployed gates' ratio, λ by dual ascent, the gates'
-    # server step 1e-2 and α = γ = 0.1: MetaGater at ρ = 0.5 is level with dense federated MAML
-    # at its best α on digits, Fashion-MNIST 5-shot and 1-shot (paired, 3 seeds each);
-    # BENCHMARKS.md, "Fidelity".
+    # Relaxed gates in training, R on the deployed gates' ratio, λ by dual ascent, no
+    # batch-shaping: the best configuration measured (BENCHMARKS.md, "Fidelity" and
+    # "Conditional gates").
     train_gates: TrainGates = TrainGates.soft
     cost: GateCost = GateCost.deployed  # the MAC ratio R holds to ρ
     # weight of the batch-shaping term in the query loss, which keeps each gate input-dependent
@@ -120,8 +119,8 @@ GatingConfig = _keyword_field(GatingConfig, "lambda", float, 1.0)
 @dataclass
 class AdaptConfig:
     order: AdaptOrder = AdaptOrder.backbone_first
-    # α = γ searched over 0.05 / 0.1 / 0.2 / 0.4 on digits 5w5s for fedmeta and MetaGater alike:
-    # 0.1 is best for both (BENCHMARKS.md, "Fidelity"); MAML's 0.4 was for Omniglot.
+    # α = γ: the best of a search for fedmeta and MetaGater alike (BENCHMARKS.md, "Fidelity");
+    # MAML's 0.4 was for Omniglot.
     backbone_lr: float = 0.1
     gate_lr: float = 0.1
     inner_steps: int = 1
@@ -275,6 +274,17 @@ RUN_ONLY_KEYS = frozenset(
         "tracking.experiment",
     }
 )
+
+#: Where ``flwr run .``'s defaults (pyproject.toml's ``[tool.flwr.app.config]``, which must list
+#: every key) differ from these: a 4 + 2 node demo federation that finishes in seconds. Every
+#: other value there is this schema's default (tests/test_flwr_run.py holds them equal).
+FLWR_RUN_DEMO = {
+    "federation.train_nodes": 4,
+    "federation.target_nodes": 2,
+    "federation.clients_per_round": 2,
+    "federation.rounds": 3,
+    "federation.eval_every": 2,
+}
 
 #: What a run written before a setting existed did, where that is not the setting's default
 #: now: the norm took batch statistics, the server trusted claims and norms.

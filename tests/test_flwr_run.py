@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conf.schema import default_config, settings_from_flat, to_flat
+from conf.schema import FLWR_RUN_DEMO, default_config, settings_from_flat, to_flat
 from server.app import resolve_output_dir
 from tests.support import ProcessTree
 
@@ -52,6 +52,8 @@ def test_pyproject_run_config_lists_every_schema_key_and_is_valid():
     # Flower rejects a --run-config key that pyproject.toml does not list: list them all.
     config = flat(app_config())
     assert sorted(config) == sorted(to_flat(default_config()))
+    # one source of defaults: the schema's, but for the demo federation named in FLWR_RUN_DEMO
+    assert config == {**to_flat(default_config()), **FLWR_RUN_DEMO}
     cfg = settings_from_flat(config)
     assert cfg.federation.train_nodes + cfg.federation.target_nodes == 6  # == FEDERATION
     assert "{run_id}" in cfg.output.dir

@@ -9,10 +9,9 @@ so λ grows until the gates meet the budget on any data, and no further (Gallego
 "Controlled Sparsity via Constrained Optimization", NeurIPS 2022). The ratio is the one the
 round's clients measured for the deterministic gates a deployed node runs, after adaptation.
 The gates follow λ only as fast as the server's optimizer moves them: with their Adam step at
-the backbone's 1e-3 they stayed open for 50-70 rounds after the warm-up while λ wound up to
-13-19, then shut half the channels within a few rounds, which cost 1-shot tasks 2-4 points; at
-``meta.gate_lr`` = 1e-2 they close 9-24 rounds after the warm-up with λ at most 6
-(BENCHMARKS.md, "Fidelity").
+the backbone's they stay open long after the warm-up while λ winds up, then shut half the
+channels at once, which costs 1-shot tasks points; hence ``meta.gate_lr`` at 10x the
+backbone's (figures: BENCHMARKS.md, "Fidelity").
 """
 
 from __future__ import annotations
