@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 from omegaconf import DictConfig, OmegaConf
 
-from conf.choices import Weighting
 from conf.schema import to_flat
 from gating.data import DatasetError, class_split, load_dataset
 from gating.federated.budget import CHECKPOINT_KEY as REGULARIZER_STATE
@@ -37,9 +36,8 @@ from gating.federated.protocol import (
     ROUND_KEY,
     encode_config,
 )
-from gating.federated.round import server_step_for
+from gating.federated.round import server_step_for, weight_bound
 from gating.federated.settings import initial_parameters, spec_for, task_spec
-from gating.federated.updates import expected_examples
 from gating.model import gate_shapes
 from server.checkpoint import (
     CHECKPOINT_NAME,
@@ -261,15 +259,13 @@ class FederatedRun:
             min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
             eval_nodes=fed.eval_nodes,
             seed=cfg.seed,
-            expected_examples=(
-                None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
-            ),
+            expected_examples=weight_bound(cfg),
             gated_layers=self.spec.gated_layers,
             gated_channels=sum(g.out_channels for g in gate_shapes(self.spec))
             if cfg.gating.enabled
             else 0,
+            regularizer_weight=RegularizerWeight(cfg),
         )
-        self.regularizer_weight = RegularizerWeight(cfg)  # λ per round
         # released per round under DP: the update sum, and with gates the deployed-ratio sum
         self.mechanisms = 2 if cfg.gating.enabled else 1
         self.history: list[dict[str, Any]] = []
@@ -277,7 +273,7 @@ class FederatedRun:
         if saved is not None:
             try:
                 self.strategy.load_state_dict(saved["strategy"])
-                self.regularizer_weight = RegularizerWeight.from_checkpoint(cfg, saved)
+                self.strategy.regularizer_weight = RegularizerWeight.from_checkpoint(cfg, saved)
             except (ValueError, KeyError) as error:
                 raise FederationError(
                     f"{self.checkpoint} does not fit this run: {error}"
@@ -296,9 +292,15 @@ class FederatedRun:
         )
         self.arrays = self.strategy.arrays()
 
+    @property
+    def regularizer(self) -> RegularizerWeight:
+        """λ round by round: the strategy's, which every aggregated round moves."""
+        assert self.strategy.regularizer_weight is not None
+        return self.strategy.regularizer_weight
+
     # ------------------------------------------------------------------ rounds
     def round_config(self, server_round: int) -> ConfigRecord:
-        weight = self.regularizer_weight(server_round)
+        weight = self.regularizer(server_round)
         return ConfigRecord(
             encode_config(self.flat, **{ROUND_KEY: server_round, REG_WEIGHT_KEY: weight})
         )
@@ -336,7 +338,6 @@ class FederatedRun:
         record = {k: v for k, v in record.items() if not (isinstance(v, float) and v != v)}
         if (noise := cfg.privacy.noise_multiplier) > 0:
             record["epsilon"] = epsilon(noise, server_round, cfg.privacy.delta, self.mechanisms)
-        self.regularizer_weight.observe(server_round, record["train_deployed_flops_ratio"])
         return record
 
     def train(self) -> None:
@@ -357,7 +358,7 @@ class FederatedRun:
             self.state = {
                 "round": server_round,
                 "strategy": self.strategy.state_dict(),
-                REGULARIZER_STATE: self.regularizer_weight.state_dict(),
+                REGULARIZER_STATE: self.regularizer.state_dict(),
                 "config": self.flat,
                 "wall_seconds": self.elapsed_before + time.monotonic() - self.started,
             }

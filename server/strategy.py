@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from gating.federated.aggregation import weighted_mean
+from gating.federated.budget import RegularizerWeight
 from gating.federated.evaluation import report_problem, scalar_figures, summarize
 from gating.federated.protocol import (
     ARRAYS,
@@ -33,7 +34,7 @@ from gating.federated.protocol import (
     UNRELEASED_UNDER_DP,
     UPDATE,
 )
-from gating.federated.round import NodeSampler, bounded_weight
+from gating.federated.round import NodeReply, NodeSampler, aggregate_round
 from gating.federated.server_step import ServerStep
 from server.validation import RoundFailed, read_update, train_metrics_problem
 
@@ -62,6 +63,8 @@ class MetaLearningStrategy(Strategy):
     gated_layers, gated_channels : int
         How many per-gate ratios a target node's ``layer-active`` lists, and how many per-channel
         frequencies its ``open-frequency`` lists (0 for a dense model).
+    regularizer_weight : RegularizerWeight or None
+        λ round by round, which every aggregated round moves by dual ascent (None: no λ).
     """
 
     def __init__(
@@ -77,8 +80,10 @@ class MetaLearningStrategy(Strategy):
         expected_examples: float | None = None,
         gated_layers: int = 0,
         gated_channels: int = 0,
+        regularizer_weight: RegularizerWeight | None = None,
     ) -> None:
         self.server_step = server_step
+        self.regularizer_weight = regularizer_weight
         self.expected_examples = expected_examples
         self.layers = gated_layers
         self.channels = gated_channels
@@ -175,16 +180,39 @@ class MetaLearningStrategy(Strategy):
                 f"{self.min_train_replies} needed (federation.min_train_replies); left out: "
                 + ("; ".join(rejected) or "none (too few nodes answered)")
             )
-        # A fixed order (the server's own partition ids, not a reply's claim) makes the
-        # floating-point sum, and so a resumed run, reproducible.
-        valid.sort(key=lambda m: partition_of[m.metadata.src_node_id])
-        weights = [self._weight(server_round, m) for m in valid]
-        updates = [{n: torch.from_numpy(a) for n, a in decoded[id(m)].items()} for m in valid]
-        deployed = [float(m.content[METRICS]["deployed-flops-ratio"]) for m in valid]
+        node_replies = [
+            NodeReply(
+                partition=partition_of[m.metadata.src_node_id],
+                update={n: torch.from_numpy(a) for n, a in decoded[id(m)].items()},
+                examples=float(m.content[METRICS][NUM_EXAMPLES]),
+                deployed_flops_ratio=float(m.content[METRICS]["deployed-flops-ratio"]),
+            )
+            for m in valid
+        ]
         try:
-            report = self.server_step.apply(updates, weights, server_round, ratios=deployed)
+            result = aggregate_round(
+                self.server_step,
+                node_replies,
+                server_round,
+                self.expected_examples,
+                self.regularizer_weight,
+            )
         except RoundFailed as error:
             raise RoundFailed(f"{error}; left out before it: {rejected or 'none'}") from error
+        message_of = {partition_of[m.metadata.src_node_id]: m for m in valid}
+        valid = [message_of[reply.partition] for reply in result.replies]  # summation order
+        weights, report = result.weights, result.report
+        for reply, weight in zip(result.replies, weights, strict=True):
+            if weight != reply.examples:
+                log(
+                    WARNING,
+                    "round %d: node %d claims %g examples, its task holds %g: counted as %g",
+                    server_round,
+                    message_of[reply.partition].metadata.src_node_id,
+                    reply.examples,
+                    self.expected_examples,
+                    weight,
+                )
         if report.clipped:  # counted in the history; the details only in a debug log
             nodes = [valid[i].metadata.src_node_id for i in report.clipped]
             log(
@@ -214,23 +242,6 @@ class MetaLearningStrategy(Strategy):
             for key in (*UNRELEASED_UNDER_DP, "clipped", "update-norm"):
                 metrics[key] = math.nan
         return arrays, metrics
-
-    def _weight(self, server_round: int, msg: Message) -> float:
-        """The reply's claimed example count, bounded by what its task holds (if known)."""
-        claimed = float(msg.content[METRICS][NUM_EXAMPLES])
-        weight = bounded_weight(claimed, self.expected_examples)
-        if weight == claimed:
-            return weight
-        log(
-            WARNING,
-            "round %d: node %d claims %g examples, its task holds %g: counted as %g",
-            server_round,
-            msg.metadata.src_node_id,
-            claimed,
-            self.expected_examples,
-            self.expected_examples,
-        )
-        return weight
 
     # --------------------------------------------------------------- evaluate
     def configure_evaluate(

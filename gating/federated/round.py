@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig
+from torch import Tensor
 
 from conf.choices import Weighting
 from gating.data import NodeTask
-from gating.federated.aggregation import AggregationRule
+from gating.federated.aggregation import AggregationReport, AggregationRule
 from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import partition_task
 from gating.federated.server_step import Params, ServerStep
@@ -96,6 +97,55 @@ def bounded_weight(claimed: float, expected: float | None) -> float:
     return claimed if expected is None else min(claimed, expected)
 
 
+def weight_bound(cfg: DictConfig) -> float | None:
+    """What an honest reply's example count is, which bounds every claim; None under
+    ``robust.weighting=claimed`` (every claim is believed)."""
+    return None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
+
+
+@dataclass(frozen=True)
+class NodeReply:
+    """A training node's usable reply, as the server's half of a round takes it."""
+
+    partition: int
+    update: Mapping[str, Tensor]
+    examples: float  # what the node claims it trained on
+    deployed_flops_ratio: float  # what it measured for its deployed gates
+
+
+@dataclass(frozen=True)
+class AggregatedRound:
+    replies: list[NodeReply]  # in the order they were summed: by partition
+    weights: list[float]  # each reply's weight in the mean (its claim, bounded)
+    report: AggregationReport
+
+
+def aggregate_round(
+    step: ServerStep,
+    replies: Sequence[NodeReply],
+    server_round: int,
+    expected: float | None,
+    regularizer_weight: RegularizerWeight | None,
+) -> AggregatedRound:
+    """The server's half of a round, for the Flower strategy and :class:`BareFederation` alike:
+    the replies in partition order (the server's own ids, not a reply's claim, so the
+    floating-point sum and a resumed run are reproducible), each claimed example count bounded
+    by ``expected``, the :class:`ServerStep`, then λ's dual-ascent step on the round's deployed
+    MAC ratio (None: λ is not the caller's). Raises :class:`RoundFailed` with nothing changed
+    when the step would not be finite."""
+    ordered = sorted(replies, key=lambda reply: reply.partition)
+    weights = [bounded_weight(reply.examples, expected) for reply in ordered]
+    report = step.apply(
+        [reply.update for reply in ordered],
+        weights,
+        server_round,
+        ratios=[reply.deployed_flops_ratio for reply in ordered],
+    )
+    if regularizer_weight is not None:
+        regularizer_weight.observe(server_round, report.ratio)
+    return AggregatedRound(ordered, weights, report)
+
+
 @dataclass
 class BareRound:
     partitions: list[int]  # in sampling (dispatch) order
@@ -133,16 +183,13 @@ class BareFederation:
             updates.append(client_update(job))
             seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
-        order = sorted(range(len(partitions)), key=partitions.__getitem__)
-        expected = expected_examples(self.cfg)
-        if self.cfg.robust.weighting is Weighting.claimed:
-            expected = None
-        weights = [bounded_weight(updates[i].examples, expected) for i in order]
-        deployed = [updates[i].deployed_flops_ratio for i in order]
-        report = self.step.apply(
-            [updates[i].update for i in order], weights, server_round, ratios=deployed
+        replies = [
+            NodeReply(p, u.update, u.examples, u.deployed_flops_ratio)
+            for p, u in zip(partitions, updates, strict=True)
+        ]
+        aggregate_round(
+            self.step, replies, server_round, weight_bound(self.cfg), self.regularizer_weight
         )
-        self.regularizer_weight.observe(server_round, report.ratio)
         return BareRound(partitions, updates, seconds, time.perf_counter() - start)
 
     def train(self, rounds: int, log: Callable[[int, BareRound], None] | None = None) -> Params:
