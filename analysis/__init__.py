@@ -1,1 +1,2 @@
-"""Reports over run folders: comparison tables and plots for sweeps and benchmarks."""
+"""What is done with finished runs: reports (comparison tables and plots for sweeps and
+benchmarks), gate maps, and the export of an adapted node's network (``analysis.export``)."""

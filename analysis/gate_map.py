@@ -3,7 +3,7 @@
     python -m analysis.gate_map RUN_DIR --partitions 50 51 --inputs 15 --out gate_map.png
 
 Each node runs the one two-stage ``Adapt`` from the run's final meta-initialization exactly as
-its ClientApp does (``gating.export.adapt_node``), then classifies ``--inputs`` of its query
+its ClientApp does (``analysis.export.adapt_node``), then classifies ``--inputs`` of its query
 images (the first few of each class) one at a time with the exported sliced model. One panel
 per node: a row per input (its class on the left), a column per gated channel, grouped by
 layer; dark = open. A static mask paints vertical stripes, the same in every panel;
@@ -21,7 +21,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from gating.export import adapt_node, load_run
+from analysis.export import adapt_node, load_run
 from gating.model import gate_shapes
 
 matplotlib.use("Agg")

@@ -10,7 +10,7 @@ strategy), target ratio 0.5 with the lambda warm-up, separate Adam optimizers fo
 gates, 4 training nodes per step.
 (B) takes the meta-initialization of a finished ``python simulate.py dataset=fashion_mnist ...``
 run. Either way each of ``--nodes`` held-out target nodes runs the one two-stage ``Adapt`` on its
-fixed support set exactly as its ClientApp does (``gating.export.adapt_node``); the measured
+fixed support set exactly as its ClientApp does (``analysis.export.adapt_node``); the measured
 inputs are those nodes' query images.
 
 Variants, timed interleaved (each input runs every variant of its group in rotating order;
@@ -45,10 +45,10 @@ import torch
 from host import describe_host  # benchmarks/host.py (the script's folder is on sys.path)
 from omegaconf import DictConfig
 
+from analysis.export import Export, adapt_node, load_run
 from conf.choices import StrategyName
 from conf.schema import default_config, validate
 from gating.deploy import SlicedGatedNet, native_available
-from gating.export import Export, adapt_node, load_run
 from gating.federated.round import BareFederation, BareRound
 from gating.model import GatedConvNet, GateMode, ModelSpec, dense_macs, layer_costs
 

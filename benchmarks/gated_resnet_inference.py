@@ -6,7 +6,7 @@ channels only, against the same network's dense pass, both in PyTorch ops.
 
 With ``--run-dir`` (a finished ``simulate.py model=resnet12 ...`` run) each of ``--nodes``
 held-out target nodes runs the one two-stage ``Adapt`` exactly as its ClientApp does
-(``gating.export.adapt_node``) and its query images are the measured inputs. Without it, a
+(``analysis.export.adapt_node``) and its query images are the measured inputs. Without it, a
 randomly initialized gated ResNet whose gates open ``--open`` of each block's channels is
 measured on random inputs (the cost structure only).
 
@@ -36,9 +36,9 @@ from gated_inference import (  # benchmarks/ (the script's folder is on sys.path
 )
 from host import describe_host
 
+from analysis.export import adapt_node, load_run
 from conf.choices import ModelArch
 from gating.deploy import SlicedGatedResNet
-from gating.export import adapt_node, load_run
 from gating.model import GatedResNet, GateMode, ModelSpec, NormStats
 
 NAMES = ["torch_dense", "torch_sliced", "masked_dense", "module_dense"]

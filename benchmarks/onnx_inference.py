@@ -9,7 +9,7 @@ and ONNX Runtime's int8 quantization on top of the gates.
 benchmarks/gated_inference.py does (first order, target ratio 0.5, ``--steps``); (B) takes the
 meta-initialization of a finished ``python simulate.py dataset=fashion_mnist ...`` run. Each of
 ``--nodes`` target nodes runs its one ``Adapt`` exactly as its ClientApp does
-(``gating.export.adapt_node``) and is exported with ``gating.deploy.onnx_export``; the measured
+(``analysis.export.adapt_node``) and is exported with ``gating.deploy.onnx_export``; the measured
 inputs are those nodes' query images.
 
 Variants (one thread each: ONNX Runtime with ``intra_op_num_threads=1``, ``inter_op`` 1; torch
@@ -55,9 +55,9 @@ from gated_inference import (
 )
 from host import describe_host  # benchmarks/ is on sys.path: the script's folder
 
+from analysis.export import Export
 from gating.deploy import SlicedGatedNet, native_available, sliced_model
 from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model
-from gating.export import Export
 from gating.model import ModelSpec
 
 ORT_NAMES = ["ort_gated", "ort_dense", "ort_dense_ext", "ort_static"]

@@ -5,5 +5,6 @@
 - ``gating.data``: datasets and the federated split into per-node tasks
 - ``gating.federated``: one federation round (a client's update per strategy, the server step),
   the config-to-objects builders and the message keys client and server share
-- ``gating.deploy``: sliced inference of an adapted model; ``gating.export`` writes one
+- ``gating.deploy``: sliced inference of an adapted model (``python -m analysis.export`` writes
+  one from a finished run)
 """

@@ -241,3 +241,38 @@ def run_simulate(
         text=True,
         timeout=timeout,
     )
+
+
+def write_run_folder(
+    folder: Path, cfg, params, rounds: int, regularizer_weight, partitions
+) -> dict[str, float]:
+    """``params`` after ``rounds`` written as a run of simulate.py writes it (config.yaml, the
+    checkpoint through the server's own writer, task_accuracy.json with what the ClientApps of
+    ``partitions`` report at the final evaluation); returns those reports' accuracies."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from conf.schema import to_flat
+    from gating.federated.budget import CHECKPOINT_KEY
+    from gating.federated.evaluation import evaluate_node
+    from gating.federated.nodes import partition_task
+    from server.checkpoint import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    state = {
+        "round": rounds,
+        "strategy": {"params": params},
+        "config": to_flat(cfg),
+        CHECKPOINT_KEY: regularizer_weight.state_dict(),
+        "wall_seconds": 1.0,
+    }
+    save_checkpoint(folder / "checkpoint.pt", state)
+    weight = regularizer_weight(rounds)
+    reported = {
+        str(p): evaluate_node(cfg, partition_task(cfg, p), params, rounds, weight)["accuracy"]
+        for p in partitions
+    }
+    (folder / "task_accuracy.json").write_text(json.dumps(reported))
+    return reported

@@ -16,11 +16,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from analysis.export import export_run, main
 from conf.choices import GateKind
-from conf.schema import to_flat
 from gating.data import decode_pixels, load_dataset, pixel_encoding
 from gating.deploy import SlicedGatedNet, sliced_model
 from gating.deploy.onnx_export import (
@@ -30,13 +29,12 @@ from gating.deploy.onnx_export import (
     read_metadata,
     session,
 )
-from gating.export import export_run, main
 from gating.federated.budget import RegularizerWeight
-from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation
 from gating.model import GateMode, ModelSpec, build_model
 from gating.model.norm import NormStats
+from tests.support import write_run_folder
 from tests.test_resnet import random_gated as random_resnet
 from tests.test_resnet import resnet_config, support_statistics, tiny
 from tests.test_sliced import frozen_statistics, params_of, random_gated, run_folder
@@ -251,14 +249,8 @@ def resnet_run(tmp_path_factory) -> tuple[Path, float]:
     rounds = 4
     params = BareFederation(cfg).train(rounds)
     run = tmp_path_factory.mktemp("resnet") / "run"
-    run.mkdir()
-    OmegaConf.save(cfg, run / "config.yaml")
-    state = {"round": rounds, "strategy": {"params": params}, "config": to_flat(cfg)}
-    torch.save(state, run / "checkpoint.pt")
-    task = node_task(cfg, {"partition-id": 5, "num-partitions": 6})
-    reported = evaluate_node(cfg, task, params, rounds, RegularizerWeight(cfg)(rounds))["accuracy"]
-    (run / "task_accuracy.json").write_text(json.dumps({"5": reported}))
-    return run, reported
+    reported = write_run_folder(run, cfg, params, rounds, RegularizerWeight(cfg), (5,))
+    return run, reported["5"]
 
 
 def test_resnet12_run_exports_an_exact_graph(resnet_run, tmp_path):

@@ -6,7 +6,6 @@ Tiny stage widths (4-6-8-8) keep every test fast; gradients are checked in float
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -16,8 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from analysis.export import export_run, format_report
 from conf.choices import ModelArch
-from conf.schema import default_config, to_flat, validate
+from conf.schema import default_config, validate
 from gating.deploy import (
     SlicedGatedNet,
     SlicedGatedResNet,
@@ -25,10 +25,8 @@ from gating.deploy import (
     save_model,
     sliced_model,
 )
-from gating.export import export_run, format_report
 from gating.federated.budget import RegularizerWeight
-from gating.federated.evaluation import evaluate_node
-from gating.federated.nodes import node_task
+from gating.federated.nodes import partition_task
 from gating.federated.round import BareFederation
 from gating.federated.settings import model_for, spec_for
 from gating.meta import MetaConfig, adapt, deployed_stats, meta_gradients, task_loss
@@ -54,6 +52,7 @@ from tests.support import (
     STRAIGHT_THROUGH_META,
     assert_matches_central_differences,
     tiny_fo_federation,
+    write_run_folder,
 )
 
 ARCHS = ["resnet12", "resnet18"]
@@ -470,24 +469,18 @@ def test_federated_rounds_train_the_resnet(trained_run):
 def test_export_from_a_resnet_run_folder(trained_run, tmp_path):
     cfg, _, params, rounds = trained_run
     run = tmp_path / "run"
-    run.mkdir()
-    OmegaConf.save(cfg, run / "config.yaml")
-    state = {"round": rounds, "strategy": {"params": params}, "config": to_flat(cfg)}
-    torch.save(state, run / "checkpoint.pt")
     partition = 5
-    task = node_task(cfg, {"partition-id": partition, "num-partitions": 6})
-    reported = evaluate_node(cfg, task, params, rounds, RegularizerWeight(cfg)(rounds))
-    (run / "task_accuracy.json").write_text(json.dumps({str(partition): reported["accuracy"]}))
+    reported = write_run_folder(run, cfg, params, rounds, RegularizerWeight(cfg), (partition,))
     out = tmp_path / "node.pt"
     result = export_run(run, partition, out)
     assert isinstance(result.model, SlicedGatedResNet)
-    assert result.accuracy == result.reported == reported["accuracy"]
+    assert result.accuracy == result.reported == reported[str(partition)]
     assert result.masks_equal and result.accuracy == result.masked_dense_accuracy
     assert len(result.layer_active) == 4
     assert "model: ResNet-12 4-6-8-8, 8x8x1, 5 classes" in format_report(result)
     loaded = load_model(out)
     assert loaded.spec.arch is ModelArch.resnet12 and loaded.statistics is not None
-    x = task.fixed_episode().query_x[:2]
+    x = partition_task(cfg, partition).fixed_episode().query_x[:2]
     for i in range(2):
         assert torch.equal(loaded(x[i : i + 1]), result.model(x[i : i + 1]))
     # the frozen statistics cover every norm, shortcuts included

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 import gating.deploy.sliced as sliced_module
-from conf.schema import to_flat
+from analysis.export import adapt_node, export_run, main
 from gating.deploy import SlicedGatedNet, load_model, native_available, save_model
-from gating.export import adapt_node, export_run, main
-from gating.federated.budget import CHECKPOINT_KEY
-from gating.federated.evaluation import evaluate_node
 from gating.federated.nodes import node_task
 from gating.federated.round import BareFederation
 from gating.model import GatedConvNet, GateMode, ModelSpec, NormStats, dense_macs, realized_macs
-from tests.support import tiny_fo_federation
+from tests.support import tiny_fo_federation, write_run_folder
 
 NATIVE, WHY = native_available()
 BACKENDS = [
@@ -253,27 +249,9 @@ def test_real_adapted_model(trained_run, backend):
 
 
 def run_folder(trained_run, folder: Path) -> dict[str, float]:
-    """``trained_run`` written as a run of simulate.py (config, checkpoint, task_accuracy.json
-    with what the ClientApps report for target nodes 4 and 5 at the final evaluation)."""
+    """``trained_run`` written as a run of simulate.py, target nodes 4 and 5 reported."""
     cfg, params, rounds, regularizer_weight = trained_run
-    folder.mkdir()
-    OmegaConf.save(cfg, folder / "config.yaml")
-    state = {
-        "round": rounds,
-        "strategy": {"params": params},
-        "config": to_flat(cfg),
-        CHECKPOINT_KEY: regularizer_weight.state_dict(),
-    }
-    torch.save(state, folder / "checkpoint.pt")
-    weight = regularizer_weight(rounds)
-    reported = {
-        str(p): evaluate_node(
-            cfg, node_task(cfg, {"partition-id": p, "num-partitions": 6}), params, rounds, weight
-        )["accuracy"]
-        for p in (4, 5)
-    }
-    (folder / "task_accuracy.json").write_text(json.dumps(reported))
-    return reported
+    return write_run_folder(folder, cfg, params, rounds, regularizer_weight, (4, 5))
 
 
 def test_export_from_a_run_folder(trained_run, tmp_path, capsys):

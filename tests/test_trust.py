@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from analysis.export import main as export_main
+from analysis.export import typed_config
 from analysis.report import report
 from conf.choices import GateCost, NormKind
 from conf.schema import LEGACY_VALUES, default_config, to_flat, validate
-from gating.export import main as export_main
-from gating.export import typed_config
 from gating.federated.settings import meta_config
 from gating.meta import MetaConfig
 from server.checkpoint import (

@@ -1,7 +1,7 @@
 """An adapted node's network as an ONNX graph, its gates inside: runs on ONNX Runtime alone.
 
 ONNX is the edge's common format (ONNX Runtime on Linux, Android, iOS and in the browser), so
-a node that has neither PyTorch nor this project can run what :func:`gating.export` adapts for
+a node that has neither PyTorch nor this project can run what ``analysis.export`` adapts for
 it. The graph is the sliced network of :mod:`gating.deploy.sliced` (Conv-N) and
 :mod:`gating.deploy.sliced_resnet` (the gated ResNets), written with ``onnx.helper``:
 

@@ -1,7 +1,8 @@
 """Export a target node's adapted gated network from a finished run as a sliced model file.
 
-    python -m gating.export RUN_DIR --partition P --out model.pt [--save-queries queries.npz]
-    python -m gating.export RUN_DIR --partition P --format onnx --out node.onnx [--save-images DIR]
+    python -m analysis.export RUN_DIR --partition P --out model.pt [--save-queries queries.npz]
+    python -m analysis.export RUN_DIR --partition P --format onnx --out node.onnx \
+        [--save-images DIR]
 
 It rebuilds partition P's task exactly as the ClientApp does (``gating.federated.nodes`` with the
 run's config and ``num-partitions = train_nodes + target_nodes``), runs the one two-stage
@@ -54,14 +55,13 @@ from gating.federated.nodes import partition_task
 from gating.federated.target import adapt_target_node
 from gating.meta import accuracy, forward
 from gating.model import GateMode, gate_shapes
+from server.checkpoint import CHECKPOINT_NAME, RESULT_FILES, RunFolderError, load_checkpoint
+from server.results import TASK_ACCURACY_FILE
 
-CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.yaml"
-TASK_ACCURACY = "task_accuracy.json"
+TASK_ACCURACY = TASK_ACCURACY_FILE
 #: What a run writes into its folder: an export never replaces these.
-RUN_FILES = frozenset(
-    {CHECKPOINT, CONFIG, TASK_ACCURACY, "history.json", "history.jsonl", "summary.json"}
-)
+RUN_FILES = frozenset({*RESULT_FILES, CONFIG})
 #: What ``--format`` writes: the torch model file of ``gating.deploy``, or an ONNX graph.
 FORMATS = ("torch", "onnx")
 #: ONNX Runtime's logits may differ from the sliced model's by float rounding: this much,
@@ -189,7 +189,7 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int, f
     """A run folder's config, final meta-initialization, the round it was taken after and the
     λ its final evaluation used."""
     run_dir = Path(run_dir)
-    for name in (CHECKPOINT, CONFIG):
+    for name in (CHECKPOINT_NAME, CONFIG):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(
                 f"{run_dir / name} does not exist: give the folder of a run of simulate.py "
@@ -202,15 +202,15 @@ def load_run(run_dir: str | Path) -> tuple[DictConfig, dict[str, Tensor], int, f
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"{run_dir / CONFIG} is not a run configuration")
     cfg = typed_config(loaded, run_dir / CONFIG)
-    try:  # weights_only: a checkpoint that carries code is refused, not run
-        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)  # refuses code, truncation, foreign files
+    try:
         params = {n: t.detach().to(torch.float32) for n, t in state["strategy"]["params"].items()}
         server_round = int(state["round"])
         reg_weight = RegularizerWeight.from_checkpoint(cfg, state)(server_round)
         ran_with = dict(state["config"])
     except Exception as error:
         raise ValueError(
-            f"{run_dir / CHECKPOINT} is not a readable checkpoint of this project: "
+            f"{run_dir / CHECKPOINT_NAME} is not a readable checkpoint of this project: "
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
     # The node adapts as in the run only under the run's own settings: a config.yaml edited
@@ -432,7 +432,7 @@ def format_report(result: Export) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gating.export",
+        prog="python -m analysis.export",
         description="Adapt one node of a finished run and export its sliced gated model.",
     )
     parser.add_argument("run_dir", type=Path, help="a run folder (config.yaml, checkpoint.pt)")
@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt=args.format,
             images=args.save_images,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, RunFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(result))
