@@ -276,3 +276,16 @@ def write_run_folder(
     }
     (folder / "task_accuracy.json").write_text(json.dumps(reported))
     return reported
+
+
+def summary_of(run: Path) -> dict:
+    """A finished run's summary.json, checked against its task_accuracy.json: the accuracy is
+    the mean over the target tasks it lists (one per target node), and it lists all of them."""
+    import json
+    import math
+
+    summary = json.loads((run / "summary.json").read_text())
+    tasks = json.loads((run / "task_accuracy.json").read_text())
+    assert len(tasks) == summary["target_tasks"]
+    assert math.isclose(summary["accuracy"], sum(tasks.values()) / len(tasks), rel_tol=1e-12)
+    return summary

@@ -42,7 +42,7 @@ def test_gated_inference_slices_what_the_masked_network_computes(subprocess_env)
     args = ["--steps", "3", "--nodes", "1", "--reps", "1", "--widths", ""]
     out = run_benchmark("gated_inference.py", args, subprocess_env, timeout=600)
     figures = result(out)
-    assert float(figures["speedup"]) > 0
+    assert math.isfinite(float(figures["speedup"]))
     assert 0 < float(figures["flops_ratio"]) <= 1.1
     node = re.search(r"query accuracy sliced ([\d.]+) = masked dense batch-1 ([\d.]+)", out)
     assert node is not None, out
@@ -52,7 +52,7 @@ def test_gated_inference_slices_what_the_masked_network_computes(subprocess_env)
 def test_gated_resnet_inference_runs_the_open_channels(subprocess_env):
     args = ["--widths", "8-8-16-16", "--image-size", "16", "--open", "0.5", "--reps", "1"]
     figures = result(run_benchmark("gated_resnet_inference.py", args, subprocess_env, timeout=300))
-    assert float(figures["speedup"]) > 0
+    assert math.isfinite(float(figures["speedup"]))
     # half of each block's inner channels open: the realized MACs fall well below dense
     assert 0.2 < float(figures["flops_ratio"]) < 0.8
 
@@ -61,7 +61,9 @@ def test_metagrad_batched_equals_the_loop(subprocess_env):
     args = ["--datasets", "digits", "--reps", "1", "--tasks", "2", "--sections", "variants"]
     out = run_benchmark("metagrad.py", args, subprocess_env, timeout=600)
     figures = result(out)
-    assert float(figures["so_over_fo"]) > 0 and math.isfinite(float(figures["peak_mb_so"]))
+    assert math.isfinite(float(figures["so_over_fo"])) and math.isfinite(
+        float(figures["peak_mb_so"])
+    )
     match = re.search(r"vmapped dense MAML against the loop: max relative difference (\S+)", out)
     assert match is not None, out
     assert float(match.group(1)) < 1e-3
@@ -71,5 +73,5 @@ def test_metagrad_batched_equals_the_loop(subprocess_env):
 def test_overhead_bare_loop_does_flowers_work(subprocess_env):
     args = ["--rounds", "4", "--warmup", "1", "--phases", "1actor"]
     figures = result(run_benchmark("overhead.py", args, subprocess_env, timeout=900))
-    assert float(figures["flower_over_bare"]) > 0
+    assert math.isfinite(float(figures["flower_over_bare"]))
     assert float(figures["max_param_diff"]) == 0.0

@@ -3,7 +3,6 @@ GPU shares reaching Flower's backend config; and, where a GPU exists, CUDA equal
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -15,7 +14,7 @@ from gating.federated.nodes import node_task
 from gating.federated.settings import initial_parameters, model_spec, resolve_device
 from gating.federated.updates import ClientRound, client_update
 from gating.meta import MetaConfig, meta_gradients
-from tests.support import run_simulate
+from tests.support import run_simulate, summary_of
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
@@ -148,5 +147,4 @@ def test_a_simulation_with_half_a_gpu_per_client_writes_its_summary(tmp_path, su
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["rounds"] == 3 and 0 <= summary["accuracy"] <= 1
+    assert summary_of(run)["rounds"] == 3

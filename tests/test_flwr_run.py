@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from flwr.common.config import flatten_dict
 
 from conf.schema import FLWR_RUN_DEMO, default_config, settings_from_flat, to_flat
 from server.app import resolve_output_dir
@@ -38,19 +39,9 @@ def app_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def flat(table: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def test_pyproject_run_config_lists_every_schema_key_and_is_valid():
     # Flower rejects a --run-config key that pyproject.toml does not list: list them all.
-    config = flat(app_config())
+    config = flatten_dict(app_config())
     assert sorted(config) == sorted(to_flat(default_config()))
     # one source of defaults: the schema's, but for the demo federation named in FLWR_RUN_DEMO
     assert config == {**to_flat(default_config()), **FLWR_RUN_DEMO}

@@ -5,6 +5,7 @@ docs/edge.md's script classifies with ONNX Runtime, numpy and Pillow alone."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -410,5 +411,6 @@ def test_onnx_benchmark_runs_and_agrees(subprocess_env):
     assert last.startswith("RESULT "), last
     figures = dict(pair.split("=", 1) for pair in last.split()[1:])
     assert figures["exact"] == "True"
-    assert float(figures["speedup"]) > 0 and 0 < float(figures["flops_ratio"]) <= 1.1
-    assert 0 <= float(figures["int8_gated_acc"]) <= 1
+    assert math.isfinite(float(figures["speedup"])) and 0 < float(figures["flops_ratio"]) <= 1.1
+    # int8 changes few predictions: its accuracy stays near the float graph's
+    assert abs(float(figures["int8_gated_acc"]) - float(figures["float_gated_acc"])) <= 0.1

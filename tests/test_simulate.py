@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from conf.schema import settings_from_flat, to_flat
 from gating.federated.round import BareFederation
 from server.checkpoint import read_history
-from tests.support import interrupt, subprocess_env
+from tests.support import interrupt, subprocess_env, summary_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -279,8 +279,7 @@ def test_every_strategy_runs_end_to_end_on_digits(tmp_path, strategy, extra):
     run = tmp_path / "run"
     result = simulate(tmp_path, run, *TINY, f"strategy={strategy}", *extra, "output.plots=false")
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = summary_of(run)
     assert summary["strategy"] == strategy and summary["target_tasks"] == 3
-    assert 0 <= summary["accuracy"] <= 1
     gated = strategy.startswith("metagater")
     assert (summary["flops_ratio"] != 1.0) == gated  # dense baselines pay exactly the dense price

@@ -27,7 +27,7 @@ from analysis.callbacks import folder_name, hydra_quoted, sweep_name
 from analysis.report import build_rows, report
 from analysis.runs import FAILURE_FILE, find_runs, write_failure
 from conf.schema import SimulateConfig
-from tests.support import interrupt
+from tests.support import interrupt, summary_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -263,8 +263,7 @@ def test_simulation_attached_to_a_local_ray_cluster_completes_and_leaves_it_runn
     result = multirun(subprocess_env, sweep, f"ray.address={address},null", *TINY, TMPDIR=tmpdir)
     assert result.returncode == 0, result.stderr[-3000:]
     for job in job_dirs(sweep):
-        summary = json.loads((job / "summary.json").read_text())
-        assert summary["rounds"] == 1 and 0 <= summary["accuracy"] <= 1
+        assert summary_of(job)["rounds"] == 1
     # Job 0's ClientApps ran as actors in the cluster's workers, job 1's elsewhere.
     assert len(actor_jobs(session)) == 1
     others = [s for s in (ray_cluster["tmpdir"] / "ray").glob("session_2*") if s != session]
