@@ -17,11 +17,22 @@ from gating.federated.round import BareFederation
 from gating.model import GatedConvNet, GateMode, ModelSpec, NormStats, dense_macs, realized_macs
 from tests.support import tiny_fo_federation, write_run_folder
 
-NATIVE, WHY = native_available()
-BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason=f"no C engine: {WHY}")),
-]
+
+def need_native() -> None:
+    """Skip, with the reason, where the C++ engine cannot be built (no compiler or no ninja:
+    ``pip install -e '.[native]'``); asked only when a test needs it, never at collection."""
+    ok, why = native_available()
+    if not ok:
+        pytest.skip(f"no C engine: {why}")
+
+
+@pytest.fixture(params=["torch", "native"])
+def backend(request) -> str:
+    if request.param == "native":
+        need_native()
+    return request.param
+
+
 SPECS = {
     "conv4-28": ModelSpec(in_channels=1, image_size=28, width=32),
     "digits-8": ModelSpec(in_channels=1, image_size=8, width=16),
@@ -90,7 +101,6 @@ def check_equal(model: GatedConvNet, sliced: SlicedGatedNet, x: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["support-stats", "own-stats"])
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(SPECS))
 def test_sliced_equals_masked_dense_random(name, backend, frozen):
     spec = SPECS[name]
@@ -111,7 +121,6 @@ def test_sliced_equals_masked_dense_random(name, backend, frozen):
 
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["support-stats", "own-stats"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_all_closed_or_all_open(backend, frozen):
     spec = ModelSpec(in_channels=1, image_size=28, width=12, depth=4)
     x = torch.randn(1, 1, 28, 28)
@@ -129,8 +138,8 @@ def test_layers_all_closed_or_all_open(backend, frozen):
             assert how == 0 or count == (spec.width if how > 0 else 0)
 
 
-@pytest.mark.skipif(not NATIVE, reason=f"no C engine: {WHY}")
 def test_backends_agree_and_stage_times():
+    need_native()
     spec = SPECS["conv4-28"]
     model = random_gated(spec, 3)
     native = SlicedGatedNet(spec, params_of(model), backend="native")
@@ -176,7 +185,6 @@ def test_rejects_wrong_parameters_and_inputs():
         sliced(torch.randn(2, 1, 8, 8))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_save_load_round_trip(tmp_path, backend):
     spec = SPECS["rgb-odd-21"]
     model = random_gated(spec, 1)
@@ -222,7 +230,6 @@ def trained_run() -> tuple[object, dict[str, torch.Tensor], int]:
     return cfg, federation.train(rounds), rounds, federation.regularizer_weight
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_real_adapted_model(trained_run, backend):
     cfg, params, rounds, weight = trained_run
     result = adapt_node(cfg, params, 4, rounds, weight(rounds), backend=backend)
