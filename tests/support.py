@@ -289,3 +289,23 @@ def summary_of(run: Path) -> dict:
     assert len(tasks) == summary["target_tasks"]
     assert math.isclose(summary["accuracy"], sum(tasks.values()) / len(tasks), rel_tol=1e-12)
     return summary
+
+
+def composed(*overrides: str):
+    """simulate.py's config with ``overrides``, composed by Hydra in this process as on the
+    command line."""
+    from hydra import compose, initialize_config_dir
+
+    import simulate  # noqa: F401  (registers the config store and the resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def error_text(error: BaseException) -> str:
+    """An exception's message with those of its causes (Hydra wraps OmegaConf's)."""
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__
+    return " | ".join(parts)

@@ -25,7 +25,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.support import run_simulate
+from tests.support import composed, run_simulate
 from tests.test_report import write_run
 
 
@@ -241,17 +241,6 @@ def test_a_run_folders_settings_are_read_typed_for_export(tmp_path):
 
 
 # ------------------------------------------------------------- faults found before Ray starts
-
-
-def composed(*overrides: str):
-    """simulate.py's config with ``overrides``, composed by Hydra as on the command line."""
-    from hydra import compose, initialize_config_dir
-
-    import simulate  # registers the config store and the resolvers
-
-    conf = Path(simulate.__file__).resolve().parent / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.mark.parametrize(
