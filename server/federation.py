@@ -38,7 +38,7 @@ from gating.federated.protocol import (
 )
 from gating.federated.round import server_step_for, weight_bound
 from gating.federated.settings import initial_parameters, spec_for, task_spec
-from gating.model import gate_shapes
+from gating.model import ModelSpec, gate_shapes
 from server.checkpoint import (
     CHECKPOINT_NAME,
     HISTORY_LINES,
@@ -107,6 +107,13 @@ class Roster:
 
 def discover(grid: Grid, cfg: DictConfig) -> Roster:
     """Ask every connected node who it is; nodes that cannot load their data are left out."""
+    node_ids = wait_for_nodes(grid, cfg)
+    return roster_of(ask_nodes(grid, cfg, node_ids), cfg)
+
+
+def wait_for_nodes(grid: Grid, cfg: DictConfig) -> list[int]:
+    """The connected nodes once the federation's are all there, or as many as connected
+    within ``federation.timeout`` (none: an error saying what to check)."""
     expected = cfg.federation.train_nodes + cfg.federation.target_nodes
     deadline = time.monotonic() + cfg.federation.timeout
     next_note = time.monotonic()
@@ -125,42 +132,55 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
             )
             break
         time.sleep(0.5)
+    if not node_ids:
+        raise FederationError(
+            f"no node connected within federation.timeout={cfg.federation.timeout} s: start "
+            "the SuperNodes (or check their address, certificates and keys)"
+        )
+    return node_ids
+
+
+def ask_nodes(grid: Grid, cfg: DictConfig, node_ids: list[int]) -> list[Message]:
+    """The usable discovery replies of ``node_ids`` (who each node is, its images' shape), by
+    node id; each unusable one is logged with its reason."""
     config = ConfigRecord(encode_config(cfg, **{ROUND_KEY: 0, REG_WEIGHT_KEY: 0.0}))
     messages = [
         Message(RecordDict({CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in node_ids
     ]
-    roster = Roster(train={}, target={}, channels=0, image_size=0)
     replies = sorted(
         exchange(grid, messages, cfg.federation.timeout), key=lambda m: m.metadata.src_node_id
     )
+    if not replies:
+        raise FederationError(
+            f"none of the {len(node_ids)} connected nodes answered within "
+            f"federation.timeout={cfg.federation.timeout} s (raise it for slow nodes)"
+        )
     usable = []
     for reply in replies:
         if problem := node_problem(reply):
             log(WARNING, "node %d left out: %s", reply.metadata.src_node_id, problem)
         else:
             usable.append(reply)
+    if not usable:
+        raise FederationError("no node could take part (see the reasons above)")
+    return usable
+
+
+def roster_of(replies: list[Message], cfg: DictConfig) -> Roster:
+    """Training and target nodes by partition from usable discovery replies: the images' shape
+    is the most common one (a node with another is left out, as is a second node claiming a
+    partition), and the run needs enough of each role."""
     shape_of = {
         m.metadata.src_node_id: (
             int(m.content[METRICS]["channels"]),
             int(m.content[METRICS]["image-size"]),
         )
-        for m in usable
+        for m in replies
     }
-    if not node_ids:
-        raise FederationError(
-            f"no node connected within federation.timeout={cfg.federation.timeout} s: start "
-            "the SuperNodes (or check their address, certificates and keys)"
-        )
-    if not replies:
-        raise FederationError(
-            f"none of the {len(node_ids)} connected nodes answered within "
-            f"federation.timeout={cfg.federation.timeout} s (raise it for slow nodes)"
-        )
-    if not shape_of:
-        raise FederationError("no node could take part (see the reasons above)")
     shape = Counter(shape_of.values()).most_common(1)[0][0]
-    for reply in usable:
+    roster = Roster(train={}, target={}, channels=shape[0], image_size=shape[1])
+    for reply in replies:
         node = reply.metadata.src_node_id
         info = reply.content[NODE]
         role, partition = str(info["role"]), int(info[PARTITION_KEY])
@@ -191,7 +211,6 @@ def discover(grid: Grid, cfg: DictConfig) -> Roster:
         )
     if not roster.target:
         raise FederationError("no target node answered: nothing to evaluate fast adaptation on")
-    roster.channels, roster.image_size = shape
     log(
         INFO,
         "federation: %d training nodes, %d target nodes, images %dx%dx%d",
@@ -231,6 +250,24 @@ def run_federation(
     return summary
 
 
+def strategy_for(cfg: DictConfig, spec: ModelSpec, roster: Roster) -> MetaLearningStrategy:
+    """The run's strategy over the discovered nodes, at its initial parameters."""
+    fed = cfg.federation
+    return MetaLearningStrategy(
+        server_step_for(cfg, initial_parameters(spec, cfg.seed)),
+        roster.train,
+        roster.target,
+        clients_per_round=fed.clients_per_round,
+        min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
+        eval_nodes=fed.eval_nodes,
+        seed=cfg.seed,
+        expected_examples=weight_bound(cfg),
+        gated_layers=spec.gated_layers,
+        gated_channels=sum(g.out_channels for g in gate_shapes(spec)) if cfg.gating.enabled else 0,
+        regularizer_weight=RegularizerWeight(cfg),
+    )
+
+
 class FederatedRun:
     """One run in its folder: set up (or resumed) from the checkpoint, then trained round by
     round, then evaluated on every target node."""
@@ -238,59 +275,53 @@ class FederatedRun:
     def __init__(self, grid: Grid, cfg: DictConfig, out_dir: Path, reporter: RoundReporter):
         self.started = time.monotonic()
         self.grid, self.cfg, self.out_dir, self.reporter = grid, cfg, out_dir, reporter
-        out_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint = out_dir / CHECKPOINT_NAME
         self.flat = to_flat(cfg)
-        saved = check_run_folder(out_dir, cfg.resume, self.flat)
-        check_tracking_store(cfg.tracking.backend, cfg.tracking.uri)  # before nodes are asked
-        OmegaConf.save(cfg, out_dir / "config.yaml")
-        record_class_split(cfg, out_dir)
-
+        saved = self._claim_folder()
         if isinstance(grid, InMemoryGrid):  # simulation: polling a local queue is cheap
             grid.pull_interval = POLL_IN_SIMULATION
         roster = discover(grid, cfg)
         self.spec = spec_for(cfg, roster.channels, roster.image_size)
-        fed = cfg.federation
-        self.strategy = MetaLearningStrategy(
-            server_step_for(cfg, initial_parameters(self.spec, cfg.seed)),
-            roster.train,
-            roster.target,
-            clients_per_round=fed.clients_per_round,
-            min_train_replies=fed.min_train_replies or fed.clients_per_round // 2 + 1,
-            eval_nodes=fed.eval_nodes,
-            seed=cfg.seed,
-            expected_examples=weight_bound(cfg),
-            gated_layers=self.spec.gated_layers,
-            gated_channels=sum(g.out_channels for g in gate_shapes(self.spec))
-            if cfg.gating.enabled
-            else 0,
-            regularizer_weight=RegularizerWeight(cfg),
-        )
+        self.strategy = strategy_for(cfg, self.spec, roster)
         # released per round under DP: the update sum, and with gates the deployed-ratio sum
         self.mechanisms = 2 if cfg.gating.enabled else 1
         self.history: list[dict[str, Any]] = []
         self.first_round, self.elapsed_before = 1, 0.0
         if saved is not None:
-            try:
-                self.strategy.load_state_dict(saved["strategy"])
-                self.strategy.regularizer_weight = RegularizerWeight.from_checkpoint(cfg, saved)
-            except (ValueError, KeyError) as error:
-                raise FederationError(
-                    f"{self.checkpoint} does not fit this run: {error}"
-                ) from error
-            if "history" in saved and not (out_dir / HISTORY_LINES).exists():
-                rewrite_history(out_dir, saved["history"])  # an earlier version kept it inside
-            self.history = read_history(out_dir, saved["round"])
-            rewrite_history(out_dir, self.history)
-            self.first_round = saved["round"] + 1
-            self.elapsed_before = saved["wall_seconds"]
-            log(INFO, "resuming after round %d from %s", saved["round"], self.checkpoint)
+            self._resume(saved)
         self.strategy.summary()
         tracking = cfg.tracking
         self.tracker = make_tracker(
             tracking.backend, out_dir, self.flat, tracking.uri, tracking.experiment
         )
         self.arrays = self.strategy.arrays()
+
+    def _claim_folder(self) -> dict[str, Any] | None:
+        """Check the run folder (and the tracking store) before any node is asked, record the
+        run's config and class split there; the checkpoint to resume from, if any."""
+        cfg, out_dir = self.cfg, self.out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved = check_run_folder(out_dir, cfg.resume, self.flat)
+        check_tracking_store(cfg.tracking.backend, cfg.tracking.uri)
+        OmegaConf.save(cfg, out_dir / "config.yaml")
+        record_class_split(cfg, out_dir)
+        return saved
+
+    def _resume(self, saved: dict[str, Any]) -> None:
+        """The strategy's state, λ and the history as the checkpoint left them."""
+        try:
+            self.strategy.load_state_dict(saved["strategy"])
+            self.strategy.regularizer_weight = RegularizerWeight.from_checkpoint(self.cfg, saved)
+        except (ValueError, KeyError) as error:
+            raise FederationError(f"{self.checkpoint} does not fit this run: {error}") from error
+        out_dir = self.out_dir
+        if "history" in saved and not (out_dir / HISTORY_LINES).exists():
+            rewrite_history(out_dir, saved["history"])  # an earlier version kept it inside
+        self.history = read_history(out_dir, saved["round"])
+        rewrite_history(out_dir, self.history)
+        self.first_round = saved["round"] + 1
+        self.elapsed_before = saved["wall_seconds"]
+        log(INFO, "resuming after round %d from %s", saved["round"], self.checkpoint)
 
     @property
     def regularizer(self) -> RegularizerWeight:
