@@ -61,6 +61,11 @@ def inert_keys(config: dict[str, Any]) -> set[str]:
         inert |= {"model.width", "model.depth"}
     if traits is None or not traits.reads_local:
         inert |= {k for k in config if k.startswith("local.")}
+    assumes_liars = {"krum", "multi_krum", "bulyan"}
+    if config.get("robust.aggregation", "mean") not in assumes_liars and not config.get(
+        "robust.nnm"
+    ):
+        inert.add("robust.byzantine")
     return inert & set(config)
 
 

@@ -125,6 +125,11 @@ class Aggregation(StrEnum):
     mean = "mean"  # weighted mean (FedAvg's rule)
     median = "median"  # coordinate-wise median (Yin et al. 2018)
     trimmed_mean = "trimmed_mean"  # coordinate-wise, robust.trim_fraction cut at each end
+    # the rules that assume at most robust.byzantine liars per round:
+    krum = "krum"  # the one update closest to its n - f - 2 nearest (Blanchard et al. 2017)
+    multi_krum = "multi_krum"  # the weighted mean of the n - f best-scored by Krum
+    bulyan = "bulyan"  # Krum picks n - 2f, then per coordinate the mean of the n - 4f nearest
+    # the median (El Mhamdi et al. 2018); needs n >= 4f + 3
 
 
 class GateCost(StrEnum):

@@ -158,6 +158,11 @@ class RobustConfig:
     clip_norm: float = 1.0  # fixed bound (robust.clip=fixed)
     aggregation: Aggregation = Aggregation.mean
     trim_fraction: float = 0.2  # trimmed_mean: share cut at each end, per coordinate
+    # krum, multi_krum, bulyan and nnm: the liars a round's replies are assumed to hold (f)
+    byzantine: int = 1
+    # nearest-neighbour mixing before the rule (Allouah et al. 2023): each update replaced by
+    # the mean of its n - f nearest (itself included)
+    nnm: bool = False
 
 
 @dataclass

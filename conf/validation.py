@@ -28,6 +28,14 @@ class Check:
     expected: str  # what a valid value is, and the fix when it is not obvious
 
 
+def _replies_needed(cfg: DictConfig) -> int:
+    """The replies a round needs for its aggregation rule against ``robust.byzantine`` liars."""
+    f = cfg.robust.byzantine
+    needed = {Aggregation.krum: 2 * f + 3, Aggregation.multi_krum: 2 * f + 3}
+    needed[Aggregation.bulyan] = 4 * f + 3
+    return max(needed.get(cfg.robust.aggregation, 1), f + 1 if cfg.robust.nnm else 1)
+
+
 def _device(value: str) -> bool:
     return bool(re.fullmatch(r"auto|cpu|cuda(:\d+)?", value))
 
@@ -126,6 +134,18 @@ CHECKS = (
     Check("robust.clip_factor", lambda c: c.robust.clip_factor > 0, "> 0"),
     Check("robust.clip_norm", lambda c: c.robust.clip_norm > 0, "> 0"),
     Check("robust.trim_fraction", lambda c: 0 <= c.robust.trim_fraction < 0.5, "in [0, 0.5)"),
+    Check("robust.byzantine", lambda c: c.robust.byzantine >= 0, ">= 0"),
+    Check(
+        "robust.byzantine",
+        lambda c: c.federation.clients_per_round >= _replies_needed(c),
+        "small enough for federation.clients_per_round: krum and multi_krum need 2f + 3 "
+        "replies, bulyan 4f + 3, nnm f + 1",
+    ),
+    Check(
+        "robust.nnm",
+        lambda c: c.privacy.noise_multiplier == 0 or not c.robust.nnm,
+        "false when privacy.noise_multiplier > 0 (mixing changes one client's influence)",
+    ),
     Check("privacy.noise_multiplier", lambda c: c.privacy.noise_multiplier >= 0, ">= 0 (0: off)"),
     Check("privacy.clip_norm", lambda c: c.privacy.clip_norm > 0, "> 0"),
     Check("privacy.delta", lambda c: 0 < c.privacy.delta < 1, "in (0, 1)"),

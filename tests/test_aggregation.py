@@ -77,6 +77,63 @@ def test_coordinatewise_rules_match_numpy_and_scipy_and_ignore_one_outlier(rule)
         assert direction[name].abs().max() < 10
 
 
+def flower_results(updates, weights):
+    """Updates in the form of Flower's reference aggregators: (NDArrays, num_examples)."""
+    return [([u[n].numpy() for n in PARAMS], w) for u, w in zip(updates, weights, strict=True)]
+
+
+def as_arrays(direction):
+    return [direction[n].numpy() for n in PARAMS]
+
+
+@pytest.mark.parametrize("byzantine", [1, 2])
+def test_krum_and_multi_krum_match_flowers_reference(byzantine):
+    from flwr.server.strategy.aggregate import aggregate_krum
+
+    updates = [honest(i) for i in range(9)]
+    updates[4] = {n: t + 50.0 for n, t in updates[4].items()}  # a liar far from the rest
+    weights = [float(w) for w in range(1, 10)]
+    results = flower_results(updates, [int(w) for w in weights])
+    for aggregation, keep in ((Aggregation.krum, 0), (Aggregation.multi_krum, 9 - byzantine)):
+        rule = AggregationRule(clip=Clipping.off, aggregation=aggregation, byzantine=byzantine)
+        direction, _ = aggregate(updates, weights, rule)
+        expected = aggregate_krum(results, num_malicious=byzantine, to_keep=keep)
+        for got, want in zip(as_arrays(direction), expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert all(t.abs().max() < 10 for t in direction.values())  # the liar is left out
+
+
+def test_bulyan_matches_flowers_reference_and_needs_4f_plus_3_replies():
+    from flwr.server.strategy.aggregate import aggregate_bulyan, aggregate_krum
+
+    updates = [honest(i) for i in range(8)]
+    updates[0] = {n: -1e3 * t for n, t in updates[0].items()}
+    rule = AggregationRule(clip=Clipping.off, aggregation=Aggregation.bulyan, byzantine=1)
+    direction, _ = aggregate(updates, [1.0] * 8, rule)
+    expected = aggregate_bulyan(flower_results(updates, [1] * 8), 1, aggregate_krum, to_keep=0)
+    for got, want in zip(as_arrays(direction), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RoundFailed, match="needs at least 7 replies, this round has 6"):
+        aggregate(updates[:6], [1.0] * 6, rule)
+
+
+def test_nearest_neighbour_mixing_averages_each_update_with_its_nearest():
+    updates = [honest(i) for i in range(6)]
+    updates[3] = {n: t + 100.0 for n, t in updates[3].items()}
+    rule = AggregationRule(clip=Clipping.off, aggregation=Aggregation.median, nnm=True)
+    direction, _ = aggregate(updates, [1.0] * 6, rule)
+    # reference, written out: squared distances, each row's 5 nearest (itself first), means
+    flat = np.stack([np.concatenate([u[n].numpy().ravel() for n in PARAMS]) for u in updates])
+    distances = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
+    mixed = np.stack([flat[np.argsort(row, kind="stable")[:5]].mean(0) for row in distances])
+    np.testing.assert_allclose(
+        np.concatenate([direction[n].numpy().ravel() for n in PARAMS]),
+        np.median(mixed, axis=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_private_aggregation_is_the_noisy_mean_of_clipped_updates():
     updates = [{n: 10 * t for n, t in honest(i).items()} for i in range(4)]
     rule = AggregationRule(noise_multiplier=1.5, dp_clip_norm=2.0)

@@ -7,6 +7,13 @@ weighted mean or a coordinate-wise robust rule (median, Yin et al. 2018, "Byzant
 Distributed Learning", arXiv 1803.01498; trimmed mean, ``scipy.stats.trim_mean``). With
 client-level differential privacy the clipped updates are summed and Gaussian noise is added
 to the sum (``gating.federated.privacy`` accounts for it).
+
+The rules that assume at most f liars per round (``robust.byzantine``) work on whole updates:
+Krum and Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018), and
+nearest-neighbour mixing before any rule (Allouah et al., AISTATS 2023). They are written here
+because the algorithm layer may not import Flower, whose ``aggregate_krum`` and
+``aggregate_bulyan`` are the reference they are tested against, and ByzFL's need torchvision,
+matplotlib and seaborn at import.
 """
 
 from __future__ import annotations
@@ -23,6 +30,11 @@ from conf.choices import Aggregation, Clipping
 Params = dict[str, Tensor]
 
 
+class RoundFailed(RuntimeError):
+    """A round cannot update the model (too few usable replies, a non-finite result): the
+    parameters stay as they were, so the last checkpoint stays the last good model."""
+
+
 @dataclass(frozen=True)
 class AggregationRule:
     clip: Clipping = Clipping.adaptive
@@ -30,6 +42,8 @@ class AggregationRule:
     clip_norm: float = 1.0
     aggregation: Aggregation = Aggregation.mean
     trim_fraction: float = 0.2
+    byzantine: int = 1  # f: liars per round that krum, multi_krum, bulyan and nnm withstand
+    nnm: bool = False  # nearest-neighbour mixing before the rule
     noise_multiplier: float = 0.0  # > 0: client-level DP with clip_norm = dp_clip_norm
     dp_clip_norm: float = 1.0
 
@@ -91,6 +105,10 @@ def aggregate(
     names = list(updates[0])
     if rule.private:
         return _private_mean(scaled, names, rule, generator), report
+    if rule.nnm:
+        scaled = nearest_neighbour_mixing(scaled, rule.byzantine)
+    if rule.aggregation in WHOLE_UPDATE_RULES:
+        return WHOLE_UPDATE_RULES[rule.aggregation](scaled, weights, rule.byzantine), report
     if rule.aggregation is Aggregation.mean:
         weight = torch.tensor([float(w) for w in weights])
         weight = weight / weight.sum()
@@ -100,6 +118,92 @@ def aggregate(
             direction[name] = torch.tensordot(weight.to(stacked.dtype), stacked, dims=1)
         return direction, report
     return {name: _coordinatewise(scaled, name, rule) for name in names}, report
+
+
+def _flat(updates: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """The updates as rows of one float64 matrix (every tensor, in name order)."""
+    names = list(updates[0])
+    return torch.stack([torch.cat([u[n].double().flatten() for n in names]) for u in updates])
+
+
+def _squared_distances(updates: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    flat = _flat(updates)
+    return torch.cdist(flat, flat).pow(2)
+
+
+def _weighted(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> Params:
+    share = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    share = share / share.sum()
+    return {
+        n: torch.tensordot(share.to(updates[0][n].dtype), torch.stack([u[n] for u in updates]), 1)
+        for n in updates[0]
+    }
+
+
+def krum_scores(updates: Sequence[Mapping[str, Tensor]], byzantine: int) -> Tensor:
+    """Each update's Krum score: the summed squared distance to its n - f - 2 nearest others
+    (at least one)."""
+    distances = _squared_distances(updates)
+    count = max(1, len(updates) - byzantine - 2)
+    others = distances + torch.diag(torch.full((len(updates),), torch.inf, dtype=torch.float64))
+    return torch.sort(others, dim=1).values[:, :count].sum(dim=1)
+
+
+def krum(updates, weights, byzantine: int) -> Params:
+    """The update with the lowest Krum score (the first of equals)."""
+    best = int(torch.argmin(krum_scores(updates, byzantine)))
+    return {n: t.clone() for n, t in updates[best].items()}
+
+
+def multi_krum(updates, weights, byzantine: int) -> Params:
+    """The weighted mean of the n - f updates with the lowest Krum scores."""
+    keep = max(1, len(updates) - byzantine)
+    chosen = torch.argsort(krum_scores(updates, byzantine), stable=True)[:keep].tolist()
+    return _weighted([updates[i] for i in chosen], [weights[i] for i in chosen])
+
+
+def bulyan(updates, weights, byzantine: int) -> Params:
+    """Krum, applied n - 2f times to the updates left, picks a set; per coordinate, the mean of
+    the n - 4f values of that set nearest its median."""
+    if len(updates) < 4 * byzantine + 3:
+        raise RoundFailed(
+            f"Bulyan against f={byzantine} liars needs at least {4 * byzantine + 3} replies, "
+            f"this round has {len(updates)} (lower robust.byzantine or raise "
+            "federation.clients_per_round)"
+        )
+    left = list(range(len(updates)))
+    chosen = []
+    for _ in range(len(updates) - 2 * byzantine):
+        scores = krum_scores([updates[i] for i in left], byzantine)
+        chosen.append(left.pop(int(torch.argmin(scores))))
+    beta = len(chosen) - 2 * byzantine
+    result = {}
+    for name in updates[0]:
+        stacked = torch.stack([updates[i][name] for i in chosen]).double()
+        median = stacked.median(dim=0).values if len(chosen) % 2 else stacked.quantile(0.5, dim=0)
+        nearest = torch.argsort((stacked - median).abs(), dim=0, stable=True)[:beta]
+        result[name] = stacked.gather(0, nearest).mean(dim=0).to(updates[0][name].dtype)
+    return result
+
+
+def nearest_neighbour_mixing(
+    updates: Sequence[Mapping[str, Tensor]], byzantine: int
+) -> list[Params]:
+    """Each update replaced by the mean of its n - f nearest updates, itself included."""
+    distances = _squared_distances(updates)
+    keep = max(1, len(updates) - byzantine)
+    nearest = torch.argsort(distances, dim=1, stable=True)[:, :keep]
+    return [
+        {n: torch.stack([updates[j][n] for j in row.tolist()]).mean(dim=0) for n in updates[0]}
+        for row in nearest
+    ]
+
+
+WHOLE_UPDATE_RULES = {
+    Aggregation.krum: krum,
+    Aggregation.multi_krum: multi_krum,
+    Aggregation.bulyan: bulyan,
+}
 
 
 def _coordinatewise(updates: Sequence[Mapping[str, Tensor]], name: str, rule: AggregationRule):

@@ -74,6 +74,8 @@ def aggregation_rule(cfg: DictConfig) -> AggregationRule:
         clip_norm=cfg.robust.clip_norm,
         aggregation=cfg.robust.aggregation,
         trim_fraction=cfg.robust.trim_fraction,
+        byzantine=cfg.robust.byzantine,
+        nnm=cfg.robust.nnm,
         noise_multiplier=cfg.privacy.noise_multiplier,
         dp_clip_norm=cfg.privacy.clip_norm,
     )

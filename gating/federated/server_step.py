@@ -21,6 +21,7 @@ from conf.choices import ServerOptimizer
 from gating.federated.aggregation import (
     AggregationReport,
     AggregationRule,
+    RoundFailed,
     aggregate,
     budget_ratio,
 )
@@ -28,11 +29,6 @@ from gating.model import BACKBONE, GATE, group_of
 
 GROUPS = (BACKBONE, GATE)
 Params = dict[str, Tensor]
-
-
-class RoundFailed(RuntimeError):
-    """A round cannot update the model (too few usable replies, a non-finite result): the
-    parameters stay as they were, so the last checkpoint stays the last good model."""
 
 
 def make_optimizer(kind: ServerOptimizer | str, params: list[Tensor], lr: float):
