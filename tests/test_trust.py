@@ -253,6 +253,8 @@ def test_a_run_folders_settings_are_read_typed_for_export(tmp_path):
         ("privacy.noise_multiplier=inf", "privacy.noise_multiplier=inf"),
         ("model.gate_bias=nan", "model.gate_bias=nan"),
         ("seed=100000000000000000000000", "seed=100000000000000000000000 is invalid"),
+        # 5 replies a round (the main job) cannot hold Bulyan's 4f + 3
+        ("robust.aggregation=bulyan", "robust.byzantine=1 is invalid: expected small enough"),
     ],
 )
 def test_a_setting_no_run_can_use_is_refused_naming_the_key(override, says):
