@@ -157,6 +157,9 @@ class Federation:
     env: dict[str, str]
     fleet: str
     free_port: Callable[[], int]
+    # the command line that runs a process of this name where it belongs (multi-host tests:
+    # in the network namespace of its host); as is by default
+    place: Callable[[str, list[str]], list[str]] = lambda name, args: args
 
     def log(self, name: str) -> str:
         return self.procs.logs[name].read_text(errors="replace")
@@ -198,7 +201,8 @@ class Federation:
             args += ["--insecure", "--grpc-rere", "--max-retries", "2"]
         if key is not None:
             args += ["--auth-supernode-private-key", str(self.pki / "keys" / key)]
-        return self.procs.start(name, args, {**self.env, "FLWR_HOME": str(home)}, self.home)
+        env = {**self.env, "FLWR_HOME": str(home)}
+        return self.procs.start(name, self.place(name, args), env, self.home)
 
     def site(self, name: str, data: Path, role: str) -> subprocess.Popen:
         return self.supernode(name, f'data-path="{data}" role="{role}"', key=name)
@@ -221,6 +225,20 @@ class Federation:
 
 @pytest.fixture
 def federation(processes, pki, tmp_path, subprocess_env, free_port) -> Federation:
+    return start_federation(processes, pki, tmp_path, subprocess_env, free_port)
+
+
+def start_federation(
+    processes: ProcessTree,
+    pki: Path,
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+    free_port: Callable[[], int],
+    host: str = "127.0.0.1",
+    place: Callable[[str, list[str]], list[str]] = lambda name, args: args,
+) -> Federation:
+    """A SuperLink with TLS and node authentication at ``host`` (its certificate's address),
+    started where ``place`` puts the process named "superlink", and the CLI's connection to it."""
     home = tmp_path / "superlink"
     home.mkdir()
     fleet, control = free_port(), free_port()
@@ -230,48 +248,39 @@ def federation(processes, pki, tmp_path, subprocess_env, free_port) -> Federatio
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     certs = pki / "certs"
-    link = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--fleet-api-type",
-            "grpc-rere",
-            "--fleet-api-address",
-            f"127.0.0.1:{fleet}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(control),
-            "--disable-runtime-dependency-installation",
-            "--ssl-ca-certfile",
-            str(certs / "ca.crt"),
-            "--ssl-certfile",
-            str(certs / "server.pem"),
-            "--ssl-keyfile",
-            str(certs / "server.key"),
-            "--enable-supernode-auth",
-        ],
-        env,
-        home,
-    )
-    fed = Federation(processes, pki, home, env, f"127.0.0.1:{fleet}", free_port)
+    args = [
+        str(BIN / "flower-superlink"),
+        "--fleet-api-type",
+        "grpc-rere",
+        "--fleet-api-address",
+        f"{host}:{fleet}",
+        "--host",
+        host,
+        "--port",
+        str(control),
+        "--disable-runtime-dependency-installation",
+        "--ssl-ca-certfile",
+        str(certs / "ca.crt"),
+        "--ssl-certfile",
+        str(certs / "server.pem"),
+        "--ssl-keyfile",
+        str(certs / "server.key"),
+        "--enable-supernode-auth",
+    ]
+    link = processes.start("superlink", place("superlink", args), env, home)
+    fed = Federation(processes, pki, home, env, f"{host}:{fleet}", free_port, place)
     trust = ssl.create_default_context(cafile=str(certs / "ca.crt"))
     deadline = time.monotonic() + 60
     while True:
         assert link.poll() is None, f"SuperLink exited:\n{fed.log('superlink')[-3000:]}"
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"https://127.0.0.1:{control}/health", verify=trust, timeout=1).is_success:
+            if httpx.get(f"https://{host}:{control}/health", verify=trust, timeout=1).is_success:
                 break
         assert time.monotonic() < deadline, f"SuperLink not up:\n{fed.log('superlink')[-3000:]}"
         time.sleep(0.3)
     processes.track()
     result = fed.command(
-        [
-            str(SCRIPTS / "add_connection.sh"),
-            CONNECTION,
-            f"127.0.0.1:{control}",
-            str(certs / "ca.crt"),
-        ]
+        [str(SCRIPTS / "add_connection.sh"), CONNECTION, f"{host}:{control}", str(certs / "ca.crt")]
     )
     assert result.returncode == 0, result.stderr
     return fed

@@ -1,0 +1,131 @@
+"""Sites on separate hosts: the SuperLink and two SuperNodes each in a network namespace of its
+own (own address, own loopback), joined by virtual links through a bridge, as docs/deploy.md's
+multi-host section sets them up. TLS certificates name the SuperLink's address; nodes
+authenticate with their keys. Skips, with the reason, where network namespaces cannot be made
+(they need root, or CAP_NET_ADMIN, and iproute2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from tests.support import summary_of
+from tests.test_deploy import SCRIPTS, Federation, start_federation
+from tests.test_deploy import sites as sites  # the fixture, re-exported
+
+SUBNET = "10.77.0"
+HOSTS = {"superlink": 1, "site-a": 2, "site-b": 3}
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Hosts:
+    space: dict[str, str]  # host name -> its network namespace
+    cable: dict[str, str]  # host name -> the root-namespace end of its link (down: offline)
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """A namespace per host, ``10.77.0.N/24`` on a veth into one bridge (the root namespace,
+    where the flwr CLI runs, is ``10.77.0.254``)."""
+    tag = f"{os.getpid() % 100000}"
+    bridge = f"mgbr{tag}"
+    spaces = {name: f"mg{tag}-{name}" for name in HOSTS}
+    cables = {name: f"mv{tag}{number}" for name, number in HOSTS.items()}
+    try:
+        ip("link", "add", bridge, "type", "bridge")
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = getattr(error, "stderr", "") or str(error)
+        pytest.skip(f"network namespaces are not available here: {reason.strip()}")
+    try:
+        ip("addr", "add", f"{SUBNET}.254/24", "dev", bridge)
+        ip("link", "set", bridge, "up")
+        for name, number in HOSTS.items():
+            space, outer, inner = spaces[name], cables[name], f"{cables[name]}n"
+            ip("netns", "add", space)
+            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            ip("link", "set", inner, "netns", space)
+            ip("link", "set", outer, "master", bridge, "up")
+            ip("-n", space, "addr", "add", f"{SUBNET}.{number}/24", "dev", inner)
+            ip("-n", space, "link", "set", inner, "up")
+            ip("-n", space, "link", "set", "lo", "up")
+        yield Hosts(spaces, cables)
+    finally:
+        for space in spaces.values():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                ip("netns", "del", space)
+        with contextlib.suppress(subprocess.CalledProcessError):
+            ip("link", "del", bridge)
+
+
+@pytest.fixture
+def remote(processes, hosts, tmp_path, subprocess_env, free_port) -> Federation:
+    """The federation of tests/test_deploy.py, every process on its own host."""
+    pki = tmp_path / "pki"
+    address = f"{SUBNET}.{HOSTS['superlink']}"
+    subprocess.run([SCRIPTS / "make_certs.sh", address, pki / "certs"], check=True)
+    for name in ("site-a", "site-b"):
+        subprocess.run([SCRIPTS / "make_node_key.sh", name, pki / "keys"], check=True)
+
+    def place(name: str, args: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", hosts.space[name], *args]
+
+    return start_federation(
+        processes, pki, tmp_path, subprocess_env, free_port, host=address, place=place
+    )
+
+
+@pytest.mark.deploy
+def test_sites_on_separate_hosts_run_to_the_end_and_one_that_loses_its_link_rejoins(
+    remote, hosts, sites, tmp_path
+):
+    remote.register("site-a", "site-b")
+    remote.site("site-a", sites["train-1"], "train")
+    remote.site("site-b", sites["target-1"], "target")
+    remote.wait_online(2)
+
+    # Four rounds; the training site's link goes down for 8 s after the first one ends.
+    out = tmp_path / "run"
+    overrides = (
+        "federation.train_nodes=1 federation.target_nodes=1 federation.clients_per_round=1 "
+        f"federation.rounds=4 federation.eval_every=2 federation.timeout=120 output.dir='{out}'"
+    )
+    started = time.monotonic()
+    run = remote.procs.start("run", remote.run_args(overrides), remote.env, tmp_path)
+    lines = out / "history.jsonl"
+    deadline = time.monotonic() + 240
+    while not (lines.exists() and lines.read_text().endswith("\n")):
+        assert run.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
+        assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-4000:]
+        remote.procs.track()
+        time.sleep(0.2)
+    cable = hosts.cable["site-a"]
+    ip("link", "set", cable, "down")
+    down_at = time.monotonic() - started
+    time.sleep(8)
+    ip("link", "set", cable, "up")
+
+    assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2, 3, 4]
+    assert all(h["replies"] == 1 for h in history)  # no round lost its one training reply
+    assert summary_of(out)["target_tasks"] == 1
+    assert load_checkpoint(out / CHECKPOINT_NAME)["round"] == 4
+    for name in ("site-a", "site-b"):
+        assert remote.procs.started[name].poll() is None, remote.log(name)[-2000:]
+    # the outage was real: site-a lost the SuperLink and came back by itself
+    assert "Connection attempt failed, retrying" in remote.log("site-a")
+    seconds = ", ".join(f"{h['seconds']:.1f}" for h in history)
+    print(f"\nmulti-host run: link of site-a down at {down_at:.1f} s for 8 s; rounds {seconds} s")
