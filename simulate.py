@@ -281,6 +281,7 @@ def objective(cfg: DictConfig, summary: dict) -> float:
 
 def run(cfg: DictConfig, out_dir: Path) -> float:
     """Check the settings and the data, run the federation, and score it for a sweeper."""
+    from gating.federated.aggregation import RoundFailed
     from server.checkpoint import RunFolderError
     from server.federation import RunInterrupted
 
@@ -302,6 +303,18 @@ def run(cfg: DictConfig, out_dir: Path) -> float:
                 else f"no round had completed in {out_dir}"
             )
             raise RunInterrupted(f"stopped on request; {where}") from None
+        if (failed := _cause(error, RoundFailed)) is not None:
+            from server.checkpoint import CHECKPOINT_NAME
+
+            kept = (out_dir / CHECKPOINT_NAME).exists()
+            raise RunFailed(
+                f"{failed}; "
+                + (
+                    f"the last completed round is checkpointed in {out_dir}"
+                    if kept
+                    else f"no round had completed in {out_dir}"
+                )
+            ) from error
         raise
     summary = json.loads((out_dir / "summary.json").read_text())
     value = objective(cfg, summary)
@@ -340,16 +353,26 @@ class Refused(ValueError):
     message names the key and the fix, so a single run prints it without a traceback."""
 
 
-def _interrupted(error: BaseException | None) -> bool:
-    """Whether ``error`` is (or was caused by) a requested stop: Flower re-raises the
+class RunFailed(RuntimeError):
+    """A round could not update the model (too few usable replies: crashed nodes, a Ray node
+    lost): the message says why and what is kept, so a single run prints it without a trace."""
+
+
+def _cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """``error`` or the first of its causes that is a ``kind``: Flower re-raises the
     ServerApp's exception, or wraps it in its own."""
+    while error is not None:
+        if isinstance(error, kind):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _interrupted(error: BaseException | None) -> bool:
+    """Whether ``error`` is (or was caused by) a requested stop."""
     from server.federation import RunInterrupted
 
-    while error is not None:
-        if isinstance(error, RunInterrupted):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return _cause(error, RunInterrupted) is not None
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -372,6 +395,9 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(2)
         except RunInterrupted as error:
             stop(f"{error}: continue with {continue_command()}")
+        except RunFailed as error:  # nothing to debug in a trace: say what failed and what is kept
+            print(f"Error: {error}: continue with {continue_command()}", file=sys.stderr)
+            sys.exit(1)
     try:  # another sweep writing into this job's folder right now: end this sweep, touch nothing
         hold_run_folder(out_dir)
     except RunFolderError as error:

@@ -19,8 +19,10 @@ from gating.federated.protocol import (
     NODE,
     NUM_EXAMPLES,
     PARTITION_KEY,
+    RAY_NODE,
     REG_WEIGHT_KEY,
     ROUND_KEY,
+    RUNTIME,
     UPDATE,
     decode_config,
 )
@@ -30,6 +32,15 @@ app = ClientApp()
 
 # Flower colours its console lines; escape codes belong on a terminal, not in pipes and log files.
 update_console_handler(colored=sys.stderr.isatty() and "NO_COLOR" not in os.environ)
+
+
+def runtime() -> dict[str, ConfigRecord]:
+    """Where this ClientApp runs, for the server's count of clients per Ray node: the Ray node
+    of the actor it runs in under a simulation, nothing elsewhere (a SuperNode has no Ray)."""
+    ray = sys.modules.get("ray")  # imported by Flower's Ray backend, never by this module
+    if ray is None or not ray.is_initialized():
+        return {}
+    return {RUNTIME: ConfigRecord({RAY_NODE: ray.get_runtime_context().get_node_id()})}
 
 
 @app.query()
@@ -71,7 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     update = ArrayRecord.from_torch_state_dict(result.update)
-    return Message(RecordDict({UPDATE: update, METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({UPDATE: update, METRICS: metrics, **runtime()}), reply_to=msg)
 
 
 @app.evaluate()
@@ -97,4 +108,4 @@ def evaluate(msg: Message, context: Context) -> Message:
             PARTITION_KEY: task.partition_id,
         }
     )
-    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({METRICS: metrics, **runtime()}), reply_to=msg)

@@ -435,6 +435,9 @@ class FederatedRun:
         if (noise := cfg.privacy.noise_multiplier) > 0:
             summary["epsilon"] = epsilon(noise, fed.rounds, cfg.privacy.delta, self.mechanisms)
             summary["delta"] = cfg.privacy.delta
+        if served := self.strategy.served:  # a simulation on Ray: its replies per Ray node
+            summary["replies_per_ray_node"] = dict(sorted(served.items()))
+            log(INFO, "ClientApp replies per Ray node: %s", summary["replies_per_ray_node"])
         write_json(out_dir / "summary.json", summary)
         plots = plot_history(history, out_dir, cfg.gating.target_ratio) if cfg.output.plots else []
         self.tracker.finish(summary, [*plots, out_dir / "summary.json", out_dir / "history.json"])

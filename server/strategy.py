@@ -11,6 +11,7 @@ discovery, checkpoints and results, which ``Strategy.start`` has no place for).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from logging import DEBUG, INFO, WARNING
 from typing import Any
@@ -30,6 +31,8 @@ from gating.federated.protocol import (
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    RAY_NODE,
+    RUNTIME,
     TRAIN_METRICS,
     UNRELEASED_UNDER_DP,
     UPDATE,
@@ -93,17 +96,32 @@ class MetaLearningStrategy(Strategy):
         self.min_train_replies = min_train_replies
         self.eval_nodes = eval_nodes
         self.sampler = NodeSampler(seed)
+        # replies per Ray node that ran their ClientApp (train and evaluate), over the run
+        self.served: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ state
     def arrays(self) -> ArrayRecord:
         return ArrayRecord.from_torch_state_dict(self.server_step.params)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.server_step.state_dict(), "rng": self.sampler.getstate()}
+        return {
+            **self.server_step.state_dict(),
+            "rng": self.sampler.getstate(),
+            "served": dict(self.served),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server_step.load_state_dict(state)
         self.sampler.setstate(state["rng"])
+        self.served = Counter(state.get("served", {}))  # checkpoints before the count: none
+
+    def count_runtime(self, replies: Iterable[Message]) -> None:
+        """Count the replies each Ray node's ClientApps answered (simulations on Ray only)."""
+        for msg in replies:
+            runtime = msg.content.config_records.get(RUNTIME)
+            node = None if runtime is None else runtime.get(RAY_NODE)
+            if isinstance(node, str):
+                self.served[node[:64]] += 1
 
     def summary(self) -> None:
         log(
@@ -199,6 +217,7 @@ class MetaLearningStrategy(Strategy):
             )
         except RoundFailed as error:
             raise RoundFailed(f"{error}; left out before it: {rejected or 'none'}") from error
+        self.count_runtime(valid)
         message_of = {partition_of[m.metadata.src_node_id]: m for m in valid}
         valid = [message_of[reply.partition] for reply in result.replies]  # summation order
         weights, report = result.weights, result.report
@@ -309,6 +328,7 @@ class MetaLearningStrategy(Strategy):
                 )
             else:
                 reports[partition_of[msg.metadata.src_node_id]] = dict(msg.content[METRICS])
+                self.count_runtime([msg])
         if not reports:
             log(WARNING, "round %d: no target node reported", server_round)
             return None

@@ -21,6 +21,8 @@ CONFIG = "config"  # server -> client: the run configuration plus per-round valu
 UPDATE = "update"  # client -> server: the update direction, keyed like the parameters
 METRICS = "metrics"  # client -> server: num-examples and the client's measurements
 NODE = "node"  # client -> server (query): who this node is
+RUNTIME = "runtime"  # client -> server: where the ClientApp ran ({RAY_NODE: id} under Ray)
+RAY_NODE = "ray-node"
 
 ROUND_KEY = "server-round"
 REG_WEIGHT_KEY = "reg-weight"
