@@ -44,12 +44,16 @@ def hosts() -> Iterator[Hosts]:
     bridge = f"mgbr{tag}"
     spaces = {name: f"mg{tag}-{name}" for name in HOSTS}
     cables = {name: f"mv{tag}{number}" for name, number in HOSTS.items()}
+
+    def remove() -> None:
+        for space in spaces.values():
+            with contextlib.suppress(OSError, subprocess.CalledProcessError):
+                ip("netns", "del", space)
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            ip("link", "del", bridge)
+
     try:
         ip("link", "add", bridge, "type", "bridge")
-    except (OSError, subprocess.CalledProcessError) as error:
-        reason = getattr(error, "stderr", "") or str(error)
-        pytest.skip(f"network namespaces are not available here: {reason.strip()}")
-    try:
         ip("addr", "add", f"{SUBNET}.254/24", "dev", bridge)
         ip("link", "set", bridge, "up")
         for name, number in HOSTS.items():
@@ -61,13 +65,14 @@ def hosts() -> Iterator[Hosts]:
             ip("-n", space, "addr", "add", f"{SUBNET}.{number}/24", "dev", inner)
             ip("-n", space, "link", "set", inner, "up")
             ip("-n", space, "link", "set", "lo", "up")
+    except (OSError, subprocess.CalledProcessError) as error:  # no iproute2, no privilege
+        remove()
+        reason = getattr(error, "stderr", "") or str(error)
+        pytest.skip(f"network namespaces are not available here: {reason.strip()}")
+    try:
         yield Hosts(spaces, cables)
     finally:
-        for space in spaces.values():
-            with contextlib.suppress(subprocess.CalledProcessError):
-                ip("netns", "del", space)
-        with contextlib.suppress(subprocess.CalledProcessError):
-            ip("link", "del", bridge)
+        remove()
 
 
 @pytest.fixture
