@@ -54,6 +54,7 @@ def test_clientapps_run_on_both_ray_nodes_and_the_summary_counts_them(
     evaluations = sum("accuracy" in h for h in history)  # rounds 2 and 3 (final), all targets
     expected = sum(h["replies"] for h in history) + evaluations * summary["target_tasks"]
     assert sum(served.values()) == expected
+    print(f"\nreplies per Ray node: {served}")
     assert "ClientApp replies per Ray node" in result.stdout + result.stderr
 
 
