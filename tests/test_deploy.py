@@ -222,6 +222,19 @@ class Federation:
     def run_args(self, overrides: str) -> list[str]:
         return [str(SCRIPTS / "run.sh"), CONNECTION, "--run-config", overrides]
 
+    def run_past_round_1(self, name: str, overrides: str, out: Path, cwd: Path):
+        """Start ``run.sh`` (log: cwd/NAME.log) for a run writing into ``out``; return it once
+        its first round is in history.jsonl (appended as rounds end)."""
+        run = self.procs.start(name, self.run_args(overrides), self.env, cwd)
+        lines, log = out / "history.jsonl", cwd / f"{name}.log"
+        deadline = time.monotonic() + 240
+        while not (lines.exists() and lines.read_text().endswith("\n")):
+            assert run.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            self.procs.track()
+            time.sleep(0.2)
+        return run
+
 
 @pytest.fixture
 def federation(processes, pki, tmp_path, subprocess_env, free_port) -> Federation:
@@ -363,16 +376,8 @@ def test_supernode_killed_during_run(federation, sites, tmp_path):
         f"federation.timeout=25 output.dir='{out}'"
     )
     started = time.monotonic()
-    run = federation.procs.start("run-a", federation.run_args(overrides), federation.env, tmp_path)
-    # Rounds are appended to history.jsonl as they end; history.json is written at the end.
-    lines_file = out / "history.jsonl"
-    deadline = time.monotonic() + 240
-    while not (lines_file.exists() and lines_file.read_text().endswith("\n")):
-        assert run.poll() is None, (tmp_path / "run-a.log").read_text()[-4000:]
-        assert time.monotonic() < deadline, (tmp_path / "run-a.log").read_text()[-4000:]
-        federation.procs.track()
-        time.sleep(0.3)
-    first = [json.loads(line) for line in lines_file.read_text().splitlines()]
+    run = federation.run_past_round_1("run-a", overrides, out, tmp_path)
+    first = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["round"] for h in first] == [1] and first[0]["replies"] == 2
     federation.procs.kill("site-b")  # SIGKILL: the node and its ClientApp, mid-run
     killed_at = time.monotonic() - started

@@ -108,14 +108,7 @@ def test_sites_on_separate_hosts_run_to_the_end_and_one_that_loses_its_link_rejo
         f"federation.rounds=4 federation.eval_every=2 federation.timeout=120 output.dir='{out}'"
     )
     started = time.monotonic()
-    run = remote.procs.start("run", remote.run_args(overrides), remote.env, tmp_path)
-    lines = out / "history.jsonl"
-    deadline = time.monotonic() + 240
-    while not (lines.exists() and lines.read_text().endswith("\n")):
-        assert run.poll() is None, (tmp_path / "run.log").read_text()[-4000:]
-        assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-4000:]
-        remote.procs.track()
-        time.sleep(0.2)
+    run = remote.run_past_round_1("run", overrides, out, tmp_path)
     # The training site's network is cut for 8 s as round 2 starts: its pull of the round's
     # message, or its reply, falls into the outage (gRPC waits it out, or retries on the
     # reset connection: "Connection attempt failed, retrying" in its log).
