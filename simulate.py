@@ -204,7 +204,7 @@ def preflight(cfg: DictConfig, out_dir: Path) -> None:
     checkpoint to resume from that holds another network. Every node checks both roles'
     classes, so building one training and one target node here finds what every node would."""
     from gating.federated.nodes import partition_task
-    from gating.federated.settings import initial_parameters, model_spec
+    from gating.federated.settings import model_spec, run_parameters
     from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from server.tracking import check_tracking_store
 
@@ -216,7 +216,7 @@ def preflight(cfg: DictConfig, out_dir: Path) -> None:
     spec = model_spec(cfg, task)
     if cfg.resume and (out_dir / CHECKPOINT_NAME).exists():  # a checkpoint of another network
         saved = load_checkpoint(out_dir / CHECKPOINT_NAME)["strategy"]["params"]
-        expected = initial_parameters(spec, cfg.seed)
+        expected = run_parameters(cfg, spec)
         wrong = sorted(n for n in expected if n not in saved or saved[n].shape != expected[n].shape)
         if wrong or set(saved) - set(expected):
             raise ValueError(

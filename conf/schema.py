@@ -125,6 +125,9 @@ class AdaptConfig:
     gate_lr: float = 0.1
     inner_steps: int = 1
     zero_head: bool = False  # every task's adaptation starts from a zero head
+    # Meta-SGD: per-coordinate step sizes, starting at α (γ for the gates), meta-learned with the
+    # weights (the server's step: meta.backbone_lr) and used by every node's Adapt
+    learn_step_sizes: bool = False
 
 
 @dataclass

@@ -103,8 +103,22 @@ CHECKS = (
     Check("adapt.inner_steps", lambda c: c.adapt.inner_steps >= 0, ">= 0"),
     Check(
         "adapt.zero_head",
-        lambda c: not c.adapt.zero_head or not TRAITS[StrategyName(c.strategy.name)].reads_local,
-        "false for the local-training strategies (fedavg, perfedavg learn their head)",
+        lambda c: not c.adapt.zero_head or TRAITS[StrategyName(c.strategy.name)].meta_learns_head,
+        "false for the strategies that send θ - θ_local (fedavg, perfedavg, reptile learn their "
+        "head)",
+    ),
+    Check(
+        "adapt.learn_step_sizes",
+        lambda c: (
+            TRAITS[StrategyName(c.strategy.name)].step_sizes in (None, c.adapt.learn_step_sizes)
+        ),
+        "what the strategy's name says (strategy=metasgd learns them; metagater and static_mask "
+        "may; first order gives them no gradient)",
+    ),
+    Check(
+        "adapt.learn_step_sizes",
+        lambda c: not c.adapt.learn_step_sizes or not c.meta.first_order,
+        "false with meta.first_order=true (a first-order meta-gradient is zero for step sizes)",
     ),
     Check("meta.backbone_lr", lambda c: c.meta.backbone_lr > 0, "> 0"),
     Check("meta.gate_lr", lambda c: c.meta.gate_lr > 0, "> 0"),

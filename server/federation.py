@@ -37,7 +37,7 @@ from gating.federated.protocol import (
     encode_config,
 )
 from gating.federated.round import server_step_for, weight_bound
-from gating.federated.settings import initial_parameters, spec_for, task_spec
+from gating.federated.settings import run_parameters, spec_for, task_spec
 from gating.model import ModelSpec, gate_shapes
 from server.checkpoint import (
     CHECKPOINT_NAME,
@@ -254,7 +254,7 @@ def strategy_for(cfg: DictConfig, spec: ModelSpec, roster: Roster) -> MetaLearni
     """The run's strategy over the discovered nodes, at its initial parameters."""
     fed = cfg.federation
     return MetaLearningStrategy(
-        server_step_for(cfg, initial_parameters(spec, cfg.seed)),
+        server_step_for(cfg, run_parameters(cfg, spec)),
         roster.train,
         roster.target,
         clients_per_round=fed.clients_per_round,

@@ -87,7 +87,7 @@ def test_meta_gradient_with_batch_shaping_matches_finite_differences(digits_epis
         from gating.meta import adapt
 
         torch.manual_seed(3)
-        adapted = adapt(model, probe, support, cfg, create_graph=True)
+        adapted = adapt(model, probe, support, cfg)
         loss, _ = task_loss(model, adapted, query, cfg, True, support=support, shape=True)
         return loss.item()
 

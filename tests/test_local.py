@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gating.meta import Batch, MetaConfig, fedavg_update, perfedavg_update
+from gating.meta import Batch, MetaConfig, fedavg_update, perfedavg_update, reptile_update
 from gating.meta.local import hessian_vector_product
 from gating.model import GatedConvNet, ModelSpec
 
@@ -142,3 +144,28 @@ def test_the_hessian_vector_product_is_exact_on_the_real_network(digits):
         return torch.cat([((g_plus[n] - g_minus[n]) / (2 * delta)).flatten() for n in theta])
 
     assert F.cosine_similarity(central(1e-3), expected, dim=0) < 0.9  # the old default
+
+
+def test_reptile_sends_the_mean_difference_after_each_episodes_inner_sgd_steps(batches, tiny_model):
+    """Reptile's update against plain SGD written out: per episode three steps of α from the
+    meta-initialization, then the mean of theta - W over the episodes."""
+    model, params = tiny_model()
+    cfg = replace(CFG, backbone_lr=0.1, inner_steps=3)
+    step = reptile_update(model, params, batches[:2], cfg)
+    differences = []
+    for batch in batches[:2]:
+        theta = start_theta(params)
+        for _ in range(3):
+            g = grad(model, params, theta, batch)
+            theta = {n: (v - 0.1 * g[n]).detach() for n, v in theta.items()}
+        differences.append({n: params[n] - v for n, v in theta.items()})
+    assert set(step.update) == set(theta)
+    for name in theta:
+        expected = (differences[0][name] + differences[1][name]) / 2
+        torch.testing.assert_close(step.update[name], expected)
+    assert any(not torch.allclose(differences[0][n], differences[1][n]) for n in theta)
+    # one inner step is joint training: the update is α times the gradient at theta
+    one = reptile_update(model, params, batches[:1], replace(cfg, inner_steps=1))
+    g = grad(model, params, start_theta(params), batches[0])
+    for name in theta:
+        torch.testing.assert_close(one.update[name], 0.1 * g[name])

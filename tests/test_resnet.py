@@ -311,7 +311,7 @@ def test_second_order_meta_gradient_matches_finite_differences(task, arch, order
 
     def objective(probe: dict[str, torch.Tensor]) -> float:
         torch.manual_seed(5)
-        adapted = adapt(model, probe, support, cfg, create_graph=True)
+        adapted = adapt(model, probe, support, cfg)
         return task_loss(model, adapted, query, cfg, regularize=True, support=support)[0].item()
 
     # a smaller step than the default: ReLU kinks lie within 1e-5 of some entries here; one

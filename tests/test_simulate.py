@@ -65,6 +65,21 @@ def test_a_mistyped_or_invalid_key_fails_naming_it(override, named):
     assert named in error_text(error.value)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("strategy=fedmeta", "adapt.learn_step_sizes=true"),  # that is strategy=metasgd
+        ("strategy=metasgd", "adapt.learn_step_sizes=false"),  # that is strategy=fedmeta
+        ("strategy=metagater", "adapt.learn_step_sizes=true", "meta.first_order=true"),
+    ],
+)
+def test_learned_step_sizes_only_where_they_can_be_learned(overrides):
+    with pytest.raises(Exception) as error:
+        validate(composed(*overrides))
+    assert "adapt.learn_step_sizes" in error_text(error.value)
+    validate(composed("strategy=metagater", "adapt.learn_step_sizes=true"))  # gated Meta-SGD
+
+
 @pytest.mark.ray
 def test_ray_simulation_writes_every_output_and_adaptation_helps(tmp_path):
     run = tmp_path / "run"
@@ -274,6 +289,8 @@ def test_a_missing_dataset_fails_before_ray_starts_and_says_how_to_get_it(tmp_pa
         ("fedavg", []),
         ("perfedavg", []),
         ("perfedavg", ["meta.first_order=true"]),
+        ("metasgd", []),
+        ("reptile", []),
     ],
 )
 def test_every_strategy_runs_end_to_end_on_digits(tmp_path, strategy, extra):

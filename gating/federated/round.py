@@ -24,9 +24,9 @@ from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import partition_task
 from gating.federated.server_step import Params, ServerStep
 from gating.federated.settings import (
-    initial_parameters,
     learned_groups,
     model_spec,
+    run_parameters,
 )
 from gating.federated.updates import (
     ClientRound,
@@ -34,6 +34,7 @@ from gating.federated.updates import (
     client_update,
     expected_examples,
 )
+from gating.meta import STEP
 from gating.model import BACKBONE, GATE
 
 
@@ -87,7 +88,8 @@ def server_step_for(cfg: DictConfig, params: Params) -> ServerStep:
         params,
         learned_groups(cfg),
         cfg.meta.optimizer,
-        {BACKBONE: cfg.meta.backbone_lr, GATE: cfg.meta.gate_lr},
+        # Meta-SGD's step sizes take the backbone's meta step, as in Li et al. (2017)
+        {BACKBONE: cfg.meta.backbone_lr, GATE: cfg.meta.gate_lr, STEP: cfg.meta.backbone_lr},
         aggregation_rule(cfg),
         cfg.seed,
     )
@@ -166,7 +168,7 @@ class BareFederation:
             p: partition_task(cfg, p) for p in range(cfg.federation.train_nodes)
         }
         self.spec = model_spec(cfg, self.tasks[0])
-        self.step = server_step_for(cfg, initial_parameters(self.spec, cfg.seed))
+        self.step = server_step_for(cfg, run_parameters(cfg, self.spec))
         self.sampler = NodeSampler(cfg.seed)
         self.regularizer_weight = RegularizerWeight(cfg)
 

@@ -25,9 +25,10 @@ from gating.federated.aggregation import (
     aggregate,
     budget_ratio,
 )
+from gating.meta import STEP
 from gating.model import BACKBONE, GATE, group_of
 
-GROUPS = (BACKBONE, GATE)
+GROUPS = (BACKBONE, GATE, STEP)
 Params = dict[str, Tensor]
 
 
@@ -44,7 +45,7 @@ class ServerStep:
     Parameters
     ----------
     params : mapping of name to tensor
-        The initial parameters (``backbone.*`` and ``gate.*``); copied.
+        The initial parameters (``backbone.*``, ``gate.*``, Meta-SGD's ``step.*``); copied.
     learned_groups : sequence of str
         The groups clients send directions for (``("backbone",)`` for the dense strategies).
     optimizer : ServerOptimizer

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from conf.choices import TRAITS, ModelArch, StrategyName
 from gating.data import DatasetError, NodeTask, TaskSpec
-from gating.meta import MetaConfig
+from gating.meta import STEP, MetaConfig, with_step_sizes
 from gating.model import (
     BACKBONE,
     GATE,
@@ -97,9 +97,19 @@ def initial_parameters(spec: ModelSpec, seed: int) -> Params:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def run_parameters(cfg: DictConfig, spec: ModelSpec) -> Params:
+    """The run's parameters in round 1: the network's, and with ``adapt.learn_step_sizes``
+    Meta-SGD's step sizes (``step.*``, starting at α and γ)."""
+    params = initial_parameters(spec, cfg.seed)
+    if cfg.adapt.learn_step_sizes:
+        params = with_step_sizes(params, meta_config(cfg, 0.0))
+    return params
+
+
 def learned_groups(cfg: DictConfig) -> tuple[str, ...]:
     """The parameter groups the run's strategy learns (the dense ones leave the gates alone)."""
-    return (BACKBONE, GATE) if TRAITS[StrategyName(cfg.strategy.name)].gated else (BACKBONE,)
+    groups = (BACKBONE, GATE) if TRAITS[StrategyName(cfg.strategy.name)].gated else (BACKBONE,)
+    return (*groups, STEP) if cfg.adapt.learn_step_sizes else groups
 
 
 def shaping_weight(cfg: DictConfig, server_round: int) -> float:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gating.data import NodeTask
 from gating.federated.settings import meta_config, model_for, model_spec, seed_torch
-from gating.meta import Batch, MetaConfig, adapt, deployed_stats
+from gating.meta import Batch, MetaConfig, adapt, deployed_stats, network_params
 from gating.model import GatedModel, ModelSpec, NormStats
 
 Params = dict[str, Tensor]
@@ -34,7 +34,7 @@ class AdaptedNode:
     support: Batch
     query: Batch
     initial: Params  # the meta-initialization it adapted from (detached, on its device)
-    adapted: Params  # after the one two-stage Adapt (detached)
+    adapted: Params  # the network after the one two-stage Adapt (no step sizes)
     stats: NormStats  # where a deployed node's norms take statistics from, one input at a time
 
 
@@ -56,12 +56,11 @@ def adapt_target_node(
     support = Batch(episode.support_x.to(device), episode.support_y.to(device))
     query = Batch(episode.query_x.to(device), episode.query_y.to(device))
     initial = {n: t.detach().to(device=device, dtype=torch.float32) for n, t in params.items()}
-    start = {n: t.clone().requires_grad_(True) for n, t in initial.items()}
     device = torch.device(device)
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         # the gate noise of this node's evaluation in this round (its training update: key 0)
         seed_torch(cfg.seed, task.partition_id, server_round, 1)
-        adapted = {n: t.detach() for n, t in adapt(model, start, support, meta_cfg).items()}
+        adapted = network_params(adapt(model, initial, support, meta_cfg))
     stats = deployed_stats(model, adapted, support.x, meta_cfg)
     return AdaptedNode(task, spec, model, meta_cfg, support, query, initial, adapted, stats)

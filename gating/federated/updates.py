@@ -33,6 +33,7 @@ from gating.meta import (
     meta_gradients,
     meta_gradients_batched,
     perfedavg_update,
+    reptile_update,
 )
 
 Params = dict[str, Tensor]
@@ -161,8 +162,25 @@ def perfedavg_client_update(job: ClientRound) -> ClientUpdate:
     )
 
 
+def reptile_client_update(job: ClientRound) -> ClientUpdate:
+    """Reptile: per episode (``task.tasks_per_client``), the target nodes' ``Adapt`` on all its
+    labelled examples (support and query); sends the mean ``θ - W``."""
+    cfg = job.cfg
+    draw = job.episodes()
+    step = reptile_update(
+        model_for(model_spec(cfg, job.task)),
+        job.initial(),
+        [_merged(*draw()) for _ in range(cfg.task.tasks_per_client)],
+        meta_config(cfg, job.reg_weight),
+    )
+    return ClientUpdate(_on_cpu(step.update), expected_examples(cfg), step.loss, step.accuracy, 1.0)
+
+
 def expected_examples(cfg: DictConfig) -> int:
     """The examples an honest client's update rests on: what the server bounds claims by."""
+    update = TRAITS[StrategyName(cfg.strategy.name)].update
+    if update is UpdateKind.reptile:
+        return cfg.task.tasks_per_client * cfg.task.ways * (cfg.task.shots + cfg.task.queries)
     if TRAITS[StrategyName(cfg.strategy.name)].reads_local:
         return cfg.local.steps * cfg.task.ways
     return cfg.task.tasks_per_client * cfg.task.ways * cfg.task.queries
@@ -172,6 +190,7 @@ CLIENT_UPDATES: dict[UpdateKind, Callable[[ClientRound], ClientUpdate]] = {
     UpdateKind.meta_gradient: meta_gradient_update,
     UpdateKind.local_sgd: fedavg_client_update,
     UpdateKind.perfedavg_steps: perfedavg_client_update,
+    UpdateKind.reptile: reptile_client_update,
 }
 
 

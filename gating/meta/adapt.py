@@ -1,11 +1,10 @@
-"""Two-stage one-step adaptation and meta-gradients (plain PyTorch, no Flower).
+"""The two-stage ``Adapt`` and the losses it and the meta-gradient take (plain PyTorch).
 
 ``Adapt(theta, phi; S)`` with ``order="backbone_first"``:
     theta' = theta - alpha * d/dtheta L(theta, phi; S)
     phi'   = phi   - gamma * d/dphi   L(theta', phi; S)
-(``gate_first`` swaps the stages). The meta-gradient is d L(theta', phi'; Q) / d(theta, phi)
-through the adaptation: second order by default; ``first_order`` treats the inner gradients as
-constants (FOMAML), so it is the query gradient at the adapted parameters.
+(``gate_first`` swaps the stages); with Meta-SGD's learned step sizes (``step.*``) alpha and
+gamma are per coordinate. ``gating.meta.meta_gradient`` differentiates the query loss through it.
 
 Norm statistics follow ``MetaConfig.norm`` (see ``gating.model.norm``): with ``metabn`` every
 loss and prediction on queries normalizes with the statistics of the node's support set, in
@@ -14,7 +13,6 @@ training exactly as at a deployed node; the inner steps see the support set itse
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +27,7 @@ from gating.model import (
     GatedModel,
     GatedOutput,
     GateMode,
-    LayerTrace,
     active_channel_ratios,
-    deployed_flops_ratio,
     flops_ratio,
     gate_regularizer,
     group_of,
@@ -114,7 +110,7 @@ def forward(
     stats: NormStats = BATCH,
 ) -> GatedOutput:
     kwargs = {"mode": mode, "temperature": cfg.temperature, "stats": stats}
-    return functional_call(model, params, (x,), kwargs)
+    return functional_call(model, network_params(params), (x,), kwargs)
 
 
 def query_forward(
@@ -159,41 +155,60 @@ def task_loss(
     return loss, out
 
 
-def _group(params: Params, group: str) -> Params:
-    return {name: p for name, p in params.items() if group_of(name) == group}
+#: The group of Meta-SGD's learned inner step sizes: ``step.<name>`` is the per-coordinate step
+#: of parameter ``<name>`` (Li et al. 2017). A parameter without one steps by its stage's scalar.
+STEP = "step"
 
 
-def _sgd_stage(
-    model: GatedModel,
-    params: Params,
-    group: str,
-    lr: float,
-    support: Batch,
-    cfg: MetaConfig,
-    create_graph: bool,
+def step_size_name(name: str) -> str:
+    return f"{STEP}.{name}"
+
+
+def owner_group(name: str) -> str:
+    """The group a parameter, or the step size of one, belongs to (``backbone`` or ``gate``)."""
+    return group_of(name.removeprefix(f"{STEP}."))
+
+
+def network_params(params: Params) -> Params:
+    """The network's own parameters, without Meta-SGD's step sizes."""
+    return {name: p for name, p in params.items() if group_of(name) != STEP}
+
+
+def with_step_sizes(params: Params, cfg: MetaConfig) -> Params:
+    """``params`` and, per learned parameter, a step size of its shape filled with its stage's
+    step (α or γ): Meta-SGD's starting point, at which its ``Adapt`` is the plain one."""
+    sizes = {BACKBONE: cfg.backbone_lr, GATE: cfg.gate_lr}
+    steps = {
+        step_size_name(name): torch.full_like(p, sizes[group_of(name)])
+        for name, p in params.items()
+        if group_of(name) == BACKBONE or (cfg.gating and group_of(name) == GATE)
+    }
+    return {**params, **steps}
+
+
+def _stage(
+    model: GatedModel, params: Params, group: str, lr: float, support: Batch, cfg: MetaConfig
 ) -> Params:
     """``inner_steps`` gradient steps on one group, the other group held as given.
 
-    The step is the *partial* gradient in this group: after a backbone stage theta' depends on
-    phi (second order keeps that graph), and differentiating through it would make the gate step
-    d/dphi L(theta'(phi), phi) instead of the specified d/dphi L(theta', phi), unlike first order
-    and unlike what target nodes run. Differentiating with respect to a fresh view of the group
-    gives the partial derivative while the view still carries the graph back to the
-    meta-initialization, so the meta-gradient flows through both stages.
+    ``torch.func.grad`` over the group alone gives the *partial* gradient the spec writes: after
+    a backbone stage theta' depends on phi, and the gate step is d/dphi L(theta', phi) at fixed
+    theta', exactly what a target node runs. An enclosing ``torch.func.grad`` (or autograd, when
+    ``params`` require grad) still differentiates through the step: that is the second-order
+    meta-gradient. A parameter with a learned step size (``step.<name>``) steps by it.
     """
     regularize = cfg.inner_regularized
+    names = [name for name in params if group_of(name) == group]
     for _ in range(cfg.inner_steps):
-        names = list(_group(params, group))
-        params = {n: p.view_as(p) if n in names else p for n, p in params.items()}
-        loss, _ = task_loss(model, params, support, cfg, regularize)
-        grads = torch.autograd.grad(
-            loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
-        )
-        params = dict(params)
-        for name, grad in zip(names, grads, strict=True):
-            if grad is not None:
-                step = grad if create_graph else grad.detach()
-                params[name] = params[name] - lr * step
+
+        def loss(sub: Params, params: Params = params) -> Tensor:
+            return task_loss(model, {**params, **sub}, support, cfg, regularize)[0]
+
+        grads = torch.func.grad(loss)({name: params[name] for name in names})
+        params = {
+            **params,
+            **{n: params[n] - params.get(step_size_name(n), lr) * grads[n] for n in names},
+        }
     return params
 
 
@@ -213,66 +228,19 @@ def start_of_task(params: Params, cfg: MetaConfig) -> Params:
     zeroed under ``zero_head`` (then the head's meta-gradient is zero: nothing to learn)."""
     if not cfg.zero_head:
         return params
-    return {
-        n: torch.zeros_like(p, requires_grad=p.requires_grad) if n in HEAD else p
-        for n, p in params.items()
-    }
+    return {n: torch.zeros_like(p) if n in HEAD else p for n, p in params.items()}
 
 
-def adapt(
-    model: GatedModel, params: Params, support: Batch, cfg: MetaConfig, create_graph: bool = False
-) -> Params:
-    """The two-stage adaptation; ``create_graph`` keeps the result differentiable (2nd order)."""
+def adapt(model: GatedModel, params: Params, support: Batch, cfg: MetaConfig) -> Params:
+    """The two-stage adaptation: the one ``Adapt`` of training, evaluation and deployment.
+
+    A pure function of ``params``: differentiable through ``torch.func`` transforms (the
+    meta-gradient, vmapped over tasks or not) and through autograd when ``params`` require grad.
+    """
     params = start_of_task(params, cfg)
     for group, lr in stages(cfg):
-        params = _sgd_stage(model, params, group, lr, support, cfg, create_graph)
+        params = _stage(model, params, group, lr, support, cfg)
     return params
-
-
-@dataclass
-class MetaStep:
-    grads: Params  # meta-gradient per parameter name (backbone.* and, when gating, gate.*)
-    query_loss: float
-    query_accuracy: float
-    flops_ratio: float  # of the gates the query pass ran (relaxed or sampled in training)
-    deployed_flops_ratio: float  # of the deterministic gates a deployed node would run
-
-
-def meta_gradients(
-    model: GatedModel,
-    initial: Mapping[str, Tensor],
-    support: Batch,
-    query: Batch,
-    cfg: MetaConfig,
-) -> MetaStep:
-    """d L(Adapt(theta, phi; S); Q) / d(theta, phi) for one task."""
-    params = {name: t.detach().clone().requires_grad_(True) for name, t in initial.items()}
-    learnable = [n for n in params if cfg.gating or group_of(n) == BACKBONE]
-    adapted = adapt(model, params, support, cfg, create_graph=not cfg.first_order)
-    if cfg.first_order:  # differentiate at the adapted point; the inner steps count as constants
-        adapted = {n: p.detach().requires_grad_(True) for n, p in adapted.items()}
-        wrt = adapted
-    else:
-        wrt = params
-    loss, out = task_loss(model, adapted, query, cfg, cfg.outer_regularized, support, shape=True)
-    grads = torch.autograd.grad(loss, [wrt[n] for n in learnable], allow_unused=True)
-    meta = {
-        name: torch.zeros_like(params[name])
-        if grad is None or (cfg.zero_head and name in HEAD)
-        else grad.detach()
-        for name, grad in zip(learnable, grads, strict=True)
-    }
-    correct = accuracy(out.logits, query.y)
-    return MetaStep(meta, float(loss.detach()), correct, *query_ratios(model, out.trace, cfg))
-
-
-def query_ratios(
-    model: GatedModel, trace: list[LayerTrace], cfg: MetaConfig
-) -> tuple[float, float]:
-    """(flops_ratio, deployed_flops_ratio) of a query pass; (1, 1) for the dense network."""
-    if not cfg.gating:
-        return 1.0, 1.0
-    return flops_ratio(model.spec, trace), deployed_flops_ratio(model.spec, trace)
 
 
 @torch.no_grad()
