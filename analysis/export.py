@@ -52,6 +52,7 @@ from gating.data import DatasetError, encode_pixels, load_dataset, pixel_encodin
 from gating.deploy import BACKENDS, SlicedModel, save_model, sliced_model
 from gating.federated.budget import RegularizerWeight
 from gating.federated.nodes import partition_task
+from gating.federated.strategies import strategy_of
 from gating.federated.target import adapt_target_node
 from gating.meta import accuracy, forward
 from gating.model import GateMode, gate_shapes
@@ -368,7 +369,7 @@ def export_run(
         ):
             raise ValueError(f"{path} is one of the run's own files: choose another name")
     cfg, params, server_round, reg_weight = load_run(run_dir)
-    if not cfg.gating.enabled:
+    if not strategy_of(cfg).gated:
         raise ValueError(
             f"the run in {run_dir} is {cfg.strategy.name}, which has no gates: nothing to slice"
         )

@@ -28,7 +28,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from analysis.runs import NOT_A_SETTING, Run, find_runs, inert_keys
+from analysis.runs import NOT_A_SETTING, Run, find_runs, inert_keys, strategy_in
 from conf.choices import StrategyName
 from gating.stats import mean_ci95
 from server.results import round_axis
@@ -491,7 +491,8 @@ def _error_caption(rows: list[Row]) -> list[str]:
 
 def _target_ratio(row: Row) -> float | None:
     config = row.runs[0].config if row.runs else {}
-    if not config.get("gating.enabled", False) or config.get("gating.target_ratio") in (None, ""):
+    strategy = strategy_in(config)
+    if strategy is None or not strategy.gated or config.get("gating.target_ratio") in (None, ""):
         return None
     return float(config["gating.target_ratio"])
 

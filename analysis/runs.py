@@ -13,8 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from conf.choices import TRAITS, GateKind, StrategyName
+from conf.choices import StrategyName
 from conf.schema import RUN_ONLY_KEYS, changed_settings, legacy_flat, settings_from_flat, to_flat
+from gating.federated.strategies import Strategy, strategy_named
 from server.checkpoint import CHECKPOINT_NAME, RunFolderError, load_checkpoint
 from server.results import TASK_ACCURACY_FILE
 
@@ -38,29 +39,24 @@ class Run:
         return (self.config["dataset.name"], self.config["task.ways"], self.config["task.shots"])
 
 
+def strategy_in(config: dict[str, Any]) -> Strategy | None:
+    """The record of a run's strategy; None for a name this revision does not know."""
+    name = config.get("strategy.name")
+    return strategy_named(name) if name in set(StrategyName) else None
+
+
 def inert_keys(config: dict[str, Any]) -> set[str]:
     """Settings the run's strategy never reads.
 
     Runs that differ only in these are the same experiment: ``-m strategy=metagater,fedmeta
     gating.target_ratio=0.3,0.5`` runs fedmeta twice, identically.
     """
-    inert: set[str] = set()
-    name = config.get("strategy.name")
-    traits = TRAITS[StrategyName(name)] if name in set(StrategyName) else None
-    if not config.get("gating.enabled", True):
-        inert |= {k for k in config if k.startswith("gating.") and k != "gating.enabled"}
-        if traits is not None and traits.narrow:  # ρ sets the narrow network's width
-            inert.discard("gating.target_ratio")
-        inert |= {"adapt.gate_lr", "adapt.order", "meta.gate_lr"}
-        inert |= {"model.gate_hidden", "model.gate_bias"}
-    if traits is not None and traits.gates is GateKind.static:  # one value per batch
-        inert.add("gating.shaping")
+    strategy = strategy_in(config)
+    inert = {k for k in config if strategy is not None and not strategy.reads(k)}
     if config.get("model.arch", "conv") == "conv":  # Conv-N reads width and depth
         inert.add("model.widths")
     else:  # the ResNets read their stage widths
         inert |= {"model.width", "model.depth"}
-    if traits is None or not traits.reads_local:
-        inert |= {k for k in config if k.startswith("local.")}
     assumes_liars = {"krum", "multi_krum", "bulyan"}
     if config.get("robust.aggregation", "mean") not in assumes_liars and not config.get(
         "robust.nnm"

@@ -53,7 +53,7 @@ from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conf.choices import TRAITS, StrategyName
+from conf.choices import StrategyName
 from conf.schema import default_config, validate
 from gating.data import DatasetError
 from gating.federated.nodes import partition_task
@@ -64,6 +64,7 @@ from gating.federated.settings import (
     model_spec,
     seed_torch,
 )
+from gating.federated.strategies import strategy_of
 from gating.meta import Batch, MetaConfig, meta_gradients, meta_gradients_batched
 from gating.model import GatedModel
 
@@ -132,11 +133,11 @@ def setup(
         cfg.model.arch = arch
         cfg.model.widths = widths
         cfg.strategy.name = strategy
-        cfg.gating.enabled = TRAITS[strategy].gated
         cfg.meta.first_order = first_order
         cfg.seed = seed
         validate(cfg)
-        configs[name] = meta_config(cfg, float(cfg.gating["lambda"]) if cfg.gating.enabled else 0)
+        gated = strategy_of(cfg).gated
+        configs[name] = meta_config(cfg, float(cfg.gating["lambda"]) if gated else 0)
     assert cfg is not None
     task = partition_task(cfg, 0)
     spec = model_spec(cfg, task)

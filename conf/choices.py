@@ -7,8 +7,8 @@ a string by member name; ``StrEnum`` members compare equal to their strings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 
 class GateKind(StrEnum):
@@ -18,71 +18,12 @@ class GateKind(StrEnum):
     static = "static"  # one learned logit per channel, no input: a learned static mask
 
 
-class StrategyName(StrEnum):
-    """The federated strategies; what each client computes is registered in
-    ``gating.federated.updates``, what the names imply for the config in :data:`TRAITS`."""
-
-    metagater = "metagater"
-    metagater_fo = "metagater_fo"
-    static_mask = "static_mask"
-    fedmeta = "fedmeta"
-    fedmeta_narrow = "fedmeta_narrow"
-    metasgd = "metasgd"
-    reptile = "reptile"
-    fedavg = "fedavg"
-    perfedavg = "perfedavg"
-
-
-class UpdateKind(StrEnum):
-    """What a sampled client sends back."""
-
-    meta_gradient = "meta_gradient"  # d L(Adapt(θ, φ; S); Q) / d(θ, φ)
-    local_sgd = "local_sgd"  # θ - θ_local after local SGD (FedAvg)
-    perfedavg_steps = "perfedavg_steps"  # θ - θ_local after local Per-FedAvg steps
-    reptile = "reptile"  # θ - Adapt(θ; support and query), the mean over the node's episodes
-
-
-@dataclass(frozen=True)
-class StrategyTraits:
-    gated: bool  # learns gates (gating.enabled must match)
-    update: UpdateKind
-    first_order: bool | None = None  # a value the name fixes (meta.first_order), None if free
-    gates: GateKind = GateKind.conditional  # what the gates (if any) decide from
-    # a dense network narrowed uniformly until its MACs are at most gating.target_ratio of the
-    # configured network's: the static baseline at MetaGater's budget
-    narrow: bool = False
-    # Meta-SGD's learned per-coordinate inner step sizes (adapt.learn_step_sizes), None if free
-    step_sizes: bool | None = False
-
-    @property
-    def reads_local(self) -> bool:
-        """Whether the strategy's clients read ``local.*``."""
-        return self.update in (UpdateKind.local_sgd, UpdateKind.perfedavg_steps)
-
-    @property
-    def meta_learns_head(self) -> bool:
-        """Whether a meta-gradient could learn the head's start (``adapt.zero_head`` applies):
-        the strategies that send ``θ - θ_local`` need the head they trained."""
-        return self.update is UpdateKind.meta_gradient
-
-
-TRAITS: dict[StrategyName, StrategyTraits] = {
-    StrategyName.metagater: StrategyTraits(True, UpdateKind.meta_gradient, step_sizes=None),
-    StrategyName.metagater_fo: StrategyTraits(True, UpdateKind.meta_gradient, first_order=True),
-    StrategyName.static_mask: StrategyTraits(
-        True, UpdateKind.meta_gradient, gates=GateKind.static, step_sizes=None
-    ),
-    StrategyName.fedmeta: StrategyTraits(False, UpdateKind.meta_gradient),
-    StrategyName.fedmeta_narrow: StrategyTraits(False, UpdateKind.meta_gradient, narrow=True),
-    # Meta-SGD (Li et al. 2017): fedmeta whose inner step sizes are learned per coordinate
-    StrategyName.metasgd: StrategyTraits(
-        False, UpdateKind.meta_gradient, first_order=False, step_sizes=True
-    ),
-    # Reptile (Nichol et al. 2018): first order by construction (meta.first_order is not read)
-    StrategyName.reptile: StrategyTraits(False, UpdateKind.reptile),
-    StrategyName.fedavg: StrategyTraits(False, UpdateKind.local_sgd),
-    StrategyName.perfedavg: StrategyTraits(False, UpdateKind.perfedavg_steps),
-}
+#: The federated strategies: one per YAML in ``conf/strategy/`` (the command line's
+#: ``strategy=<name>``), each with its record in ``gating/federated/strategies/<name>.py``.
+StrategyName = StrEnum(
+    "StrategyName",
+    {path.stem: path.stem for path in sorted((Path(__file__).parent / "strategy").glob("*.yaml"))},
+)
 
 
 class DatasetName(StrEnum):

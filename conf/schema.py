@@ -94,7 +94,6 @@ def _keyword_field(cls: type, name: str, type_: type, default: Any) -> type:
 
 
 class GatingConfig:
-    enabled: bool = True  # strategies without gates (fedmeta, fedavg, perfedavg) switch it off
     target_ratio: float = 0.5  # rho: the MAC ratio the regularizer aims for
     warmup_rounds: int = 20  # lambda rises linearly to its value over these rounds
     # after the warm-up, lambda += lambda_lr x (deployed MAC ratio - target_ratio) each round
@@ -310,9 +309,15 @@ def validate(cfg: DictConfig) -> DictConfig:
     return _validate(cfg, SimulateConfig if "sweep" in cfg else RunConfig)
 
 
+#: Settings that no longer exist, and what says the same now.
+REMOVED_KEYS = {"gating.enabled": "strategy.name implies it (gating.federated.strategies)"}
+
+
 def legacy_flat(flat: dict[str, Any]) -> dict[str, Any]:
-    """A flat config of an older run, with the settings it lacks as that run had them."""
-    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in flat}, **flat}
+    """A flat config of an older run, with the settings it lacks as that run had them (and
+    without those it had that no longer exist)."""
+    kept = {k: v for k, v in flat.items() if k not in REMOVED_KEYS}
+    return {**{k: v for k, v in LEGACY_VALUES.items() if k not in flat}, **kept}
 
 
 def changed_settings(
@@ -342,6 +347,8 @@ def settings_from_flat(flat: dict[str, Any]) -> DictConfig:
     """
     cfg = default_config()
     for key, value in flat.items():
+        if key in REMOVED_KEYS:
+            raise KeyError(f"config key {key!r} was removed: {REMOVED_KEYS[key]}")
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise KeyError(f"unknown config key {key!r} (valid keys: {', '.join(flat_keys())})")
         OmegaConf.update(cfg, key, None if value == "" and _is_optional_leaf(cfg, key) else value)

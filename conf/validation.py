@@ -3,8 +3,9 @@
 Checked where the config is read (before Ray starts, before any node exists), so that an
 impossible setting fails in one line that names the key and the fix, instead of as a generic
 round failure with the cause in a worker's log. Choices are enums (``conf.choices``), checked
-by OmegaConf itself; the data-dependent checks (enough classes and samples) run in
-``simulate.preflight``.
+by OmegaConf itself; what a strategy's name implies is checked by its record
+(``gating.federated.strategies``) wherever the run's strategy is looked up; the data-dependent
+checks (enough classes and samples) run in ``simulate.preflight``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from conf.choices import TRAITS, Aggregation, GateKind, StrategyName, Weighting
+from conf.choices import Aggregation, Weighting
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,6 @@ def _fraction(value: str) -> bool:
 MAX_SEED = 2**32
 
 CHECKS = (
-    Check(
-        "gating.enabled",
-        lambda c: c.gating.enabled == TRAITS[StrategyName(c.strategy.name)].gated,
-        "true for the gated strategies (metagater*), false for the others: set it with "
-        "strategy=<name>, which sets both",
-    ),
-    Check(
-        "meta.first_order",
-        lambda c: TRAITS[StrategyName(c.strategy.name)].first_order in (None, c.meta.first_order),
-        "what the strategy's name says (strategy=metagater_fo is first order)",
-    ),
     Check("seed", lambda c: 0 <= c.seed < MAX_SEED, f"in [0, {MAX_SEED})"),
     Check("task.ways", lambda c: c.task.ways >= 2, ">= 2"),
     Check("task.shots", lambda c: c.task.shots >= 1, ">= 1"),
@@ -86,14 +76,6 @@ CHECKS = (
     Check("gating.shaping", lambda c: 0 <= c.gating.shaping < math.inf, ">= 0 (0: off)"),
     Check("gating.shaping_rounds", lambda c: c.gating.shaping_rounds >= 0, ">= 0 (0: constant)"),
     Check(
-        "gating.shaping",
-        lambda c: (
-            c.gating.shaping == 0
-            or TRAITS[StrategyName(c.strategy.name)].gates is not GateKind.static
-        ),
-        "0 for static_mask (a static gate has one value per batch: nothing to shape)",
-    ),
-    Check(
         "gating.temperature",
         lambda c: math.isfinite(c.gating.temperature) and c.gating.temperature > 0,
         "> 0 (the gates divide by it; 2/3 is the default)",
@@ -101,20 +83,6 @@ CHECKS = (
     Check("adapt.backbone_lr", lambda c: c.adapt.backbone_lr >= 0, ">= 0"),
     Check("adapt.gate_lr", lambda c: c.adapt.gate_lr >= 0, ">= 0"),
     Check("adapt.inner_steps", lambda c: c.adapt.inner_steps >= 0, ">= 0"),
-    Check(
-        "adapt.zero_head",
-        lambda c: not c.adapt.zero_head or TRAITS[StrategyName(c.strategy.name)].meta_learns_head,
-        "false for the strategies that send θ - θ_local (fedavg, perfedavg, reptile learn their "
-        "head)",
-    ),
-    Check(
-        "adapt.learn_step_sizes",
-        lambda c: (
-            TRAITS[StrategyName(c.strategy.name)].step_sizes in (None, c.adapt.learn_step_sizes)
-        ),
-        "what the strategy's name says (strategy=metasgd learns them; metagater and static_mask "
-        "may; first order gives them no gradient)",
-    ),
     Check(
         "adapt.learn_step_sizes",
         lambda c: not c.adapt.learn_step_sizes or not c.meta.first_order,

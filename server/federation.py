@@ -38,6 +38,7 @@ from gating.federated.protocol import (
 )
 from gating.federated.round import server_step_for, weight_bound
 from gating.federated.settings import run_parameters, spec_for, task_spec
+from gating.federated.strategies import strategy_of
 from gating.model import ModelSpec, gate_shapes
 from server.checkpoint import (
     CHECKPOINT_NAME,
@@ -263,7 +264,9 @@ def strategy_for(cfg: DictConfig, spec: ModelSpec, roster: Roster) -> MetaLearni
         seed=cfg.seed,
         expected_examples=weight_bound(cfg),
         gated_layers=spec.gated_layers,
-        gated_channels=sum(g.out_channels for g in gate_shapes(spec)) if cfg.gating.enabled else 0,
+        gated_channels=sum(g.out_channels for g in gate_shapes(spec))
+        if strategy_of(cfg).gated
+        else 0,
         regularizer_weight=RegularizerWeight(cfg),
     )
 
@@ -284,7 +287,7 @@ class FederatedRun:
         self.spec = spec_for(cfg, roster.channels, roster.image_size)
         self.strategy = strategy_for(cfg, self.spec, roster)
         # released per round under DP: the update sum, and with gates the deployed-ratio sum
-        self.mechanisms = 2 if cfg.gating.enabled else 1
+        self.mechanisms = 2 if strategy_of(cfg).gated else 1
         self.history: list[dict[str, Any]] = []
         self.first_round, self.elapsed_before = 1, 0.0
         if saved is not None:

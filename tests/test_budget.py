@@ -53,7 +53,7 @@ def test_dual_ascent_raises_lambda_over_budget_and_lowers_it_under():
 
 def test_no_gates_no_weight():
     cfg = config(lambda_lr=1.0, warmup=0)
-    cfg.strategy.name, cfg.gating.enabled = "fedmeta", False
+    cfg.strategy.name = "fedmeta"
     weight = RegularizerWeight(cfg)
     weight.observe(3, 1.0)
     assert weight(4) == 0.0

@@ -84,13 +84,10 @@ def test_gpu_shares_reach_flowers_backend_config(monkeypatch):
 def test_batched_episodes_compute_the_loops_update():
     """task.batched: one vmapped pass over the client's episodes. Dense (no gate noise), it
     equals the loop; gated, the two draw their noise differently, so only the shapes agree."""
-    loop = update_of(
-        small_config(strategy__name="fedmeta", gating__enabled=False, task__tasks_per_client=3)
-    )
+    loop = update_of(small_config(strategy__name="fedmeta", task__tasks_per_client=3))
     batched = update_of(
         small_config(
             strategy__name="fedmeta",
-            gating__enabled=False,
             task__tasks_per_client=3,
             task__batched=True,
         )

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from gating.meta import Batch, MetaConfig, fedavg_update, perfedavg_update, reptile_update
+from gating.federated.strategies.reptile import reptile_update
+from gating.meta import Batch, MetaConfig, fedavg_update, perfedavg_update
 from gating.meta.local import hessian_vector_product
 from gating.model import GatedConvNet, ModelSpec
 

@@ -224,11 +224,11 @@ def sweep(tmp_path: Path) -> Path:
     same accuracy), a gated run with one target task (no interval) and one whose accuracy is
     missing."""
     root = tmp_path / "sweep"
-    dense = {"strategy.name": "fedmeta", "gating.enabled": False}
+    dense = {"strategy.name": "fedmeta"}
     write_run(root / "fedmeta_s0", dense, 0.80, 200_000, seed=0)
     write_run(root / "fedmeta_s1", dense, 0.76, 200_000, seed=1)
-    write_run(root / "fedavg", {"strategy.name": "fedavg", "gating.enabled": False}, 0.78, 200_000)
-    perfedavg = {"strategy.name": "perfedavg", "gating.enabled": False}
+    write_run(root / "fedavg", {"strategy.name": "fedavg"}, 0.78, 200_000)
+    perfedavg = {"strategy.name": "perfedavg"}
     write_run(root / "perfedavg", perfedavg, 0.6, 200_000)
     for ratio, accuracy in ((0.3, 0.70), (0.5, 0.78)):
         write_run(root / f"mg_{ratio}", {"gating.target_ratio": ratio}, accuracy, ratio * 200_000)
@@ -302,9 +302,9 @@ def test_accuracy_per_round_one_evaluation_per_run(sweep):
 
 def test_report_on_a_dense_only_protocol_with_one_round(tmp_path, monkeypatch):
     root = tmp_path / "dense"
-    dense = {"strategy.name": "fedmeta", "gating.enabled": False}
+    dense = {"strategy.name": "fedmeta"}
     write_run(root / "fedmeta", dense, 0.4, 200_000)
-    write_run(root / "fedavg", {"strategy.name": "fedavg", "gating.enabled": False}, 0.3, 200_000)
+    write_run(root / "fedavg", {"strategy.name": "fedavg"}, 0.3, 200_000)
     for folder in root.iterdir():
         patch(
             folder,

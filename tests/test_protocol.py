@@ -23,7 +23,6 @@ from gating.federated.protocol import (
 def changed_config():
     cfg = default_config()
     cfg.strategy.name = "fedmeta"
-    cfg.gating.enabled = False
     cfg.dataset.path = "/data/x.npz"
     cfg.federation.train_nodes = 7
     cfg.gating["lambda"] = 0.25

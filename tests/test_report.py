@@ -70,7 +70,7 @@ GATED_TASKS = {0: {"0": 0.7, "1": 0.6, "2": 0.9, "3": 0.5}, 1: {"0": 0.6, "1": 0
 @pytest.fixture
 def runs(tmp_path: Path) -> Path:
     root = tmp_path / "bench"
-    dense = {"strategy.name": "fedmeta", "gating.enabled": False}
+    dense = {"strategy.name": "fedmeta"}
     write_run(root / "fedmeta_s0", dense, 0.80, 200_000, seed=0, tasks=FEDMETA_TASKS[0])
     write_run(root / "fedmeta_s1", dense, 0.76, 200_000, seed=1, tasks=FEDMETA_TASKS[1])
     for ratio, accuracy in ((0.3, 0.70), (0.5, 0.78)):
@@ -82,7 +82,7 @@ def runs(tmp_path: Path) -> Path:
             tasks=GATED_TASKS[0],
         )
     for first_order in (True, False):  # varies within perfedavg only: not in other labels
-        perfedavg = {"strategy.name": "perfedavg", "gating.enabled": False}
+        perfedavg = {"strategy.name": "perfedavg"}
         write_run(
             root / f"perfedavg_{first_order}",
             {**perfedavg, "meta.first_order": first_order},
@@ -94,7 +94,7 @@ def runs(tmp_path: Path) -> Path:
     write_run(root / "digits_run", {"dataset.name": "digits", "task.shots": 1}, 0.9, 50_000)
     write_run(
         root / "crashed",
-        {"strategy.name": "fedavg", "gating.enabled": False},
+        {"strategy.name": "fedavg"},
         0.0,
         0.0,
         finished=False,
@@ -163,7 +163,7 @@ def test_each_network_is_paired_with_its_own_reference(tmp_path):
     """Two fedmeta configurations in one protocol (Conv-4 and ResNet-12): each row is compared
     with the fedmeta run of its own network, task by task."""
     root = tmp_path / "bench"
-    dense = {"strategy.name": "fedmeta", "gating.enabled": False}
+    dense = {"strategy.name": "fedmeta"}
     resnet = {"model.arch": "resnet12", "model.widths": "8-8-16-16"}
     write_run(root / "fm_conv", dense, 0.8, 200_000, tasks={"0": 0.8, "1": 0.6})
     write_run(root / "fm_r12", {**dense, **resnet}, 0.7, 900_000, tasks={"0": 0.5, "1": 0.9})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 
 from conf.schema import settings_from_flat, to_flat, validate
 from gating.federated.round import BareFederation
+from gating.federated.strategies import strategy_of
 from server.checkpoint import read_history
 from tests.support import composed, error_text, interrupt, subprocess_env, summary_of
 
@@ -66,18 +68,42 @@ def test_a_mistyped_or_invalid_key_fails_naming_it(override, named):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "named"),
     [
-        ("strategy=fedmeta", "adapt.learn_step_sizes=true"),  # that is strategy=metasgd
-        ("strategy=metasgd", "adapt.learn_step_sizes=false"),  # that is strategy=fedmeta
-        ("strategy=metagater", "adapt.learn_step_sizes=true", "meta.first_order=true"),
+        (("strategy=fedmeta", "adapt.learn_step_sizes=true"), "adapt.learn_step_sizes"),
+        (("strategy=metasgd", "adapt.learn_step_sizes=false"), "adapt.learn_step_sizes"),
+        (("strategy=fedavg", "adapt.zero_head=true"), "adapt.zero_head"),
+        (("strategy=metagater_fo", "meta.first_order=false"), "meta.first_order"),
+        (("strategy=reptile", "adapt.zero_head=true"), "adapt.zero_head"),
+        (("strategy=static_mask", "gating.shaping=0.5"), "gating.shaping"),
     ],
 )
-def test_learned_step_sizes_only_where_they_can_be_learned(overrides):
+def test_what_a_strategy_name_implies_is_checked_naming_the_setting(overrides, named):
+    """The strategy's record checks the run config wherever the run's strategy is looked up
+    (preflight, the server, every node), flat Flower configs included."""
+    cfg = validate(composed(*overrides))
+    with pytest.raises(ValueError, match=re.escape(named)):
+        strategy_of(cfg)
+    flat = to_flat(cfg)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        strategy_of(settings_from_flat(flat))
+
+
+def test_learned_step_sizes_need_a_second_order_meta_gradient():
     with pytest.raises(Exception) as error:
-        validate(composed(*overrides))
+        validate(
+            composed("strategy=metagater", "adapt.learn_step_sizes=true", "meta.first_order=true")
+        )
     assert "adapt.learn_step_sizes" in error_text(error.value)
-    validate(composed("strategy=metagater", "adapt.learn_step_sizes=true"))  # gated Meta-SGD
+    strategy_of(validate(composed("strategy=metagater", "adapt.learn_step_sizes=true")))
+
+
+def test_a_removed_setting_says_what_replaced_it():
+    with pytest.raises(KeyError, match=re.escape("strategy.name implies it")):
+        settings_from_flat({"gating.enabled": False})
+    with pytest.raises(Exception) as error:
+        validate(composed("gating.enabled=false"))
+    assert "enabled" in error_text(error.value)
 
 
 @pytest.mark.ray

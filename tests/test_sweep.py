@@ -314,7 +314,6 @@ def test_report_merges_settings_a_strategy_does_not_read_and_says_so(tmp_path):
             _run_folder(tmp_path, f"m{seed}{rho}", seed, acc, rho, **{"gating.target_ratio": rho})
             dense = {
                 "strategy.name": "fedmeta",
-                "gating.enabled": False,
                 "gating.target_ratio": rho,
             }
             _run_folder(tmp_path, f"f{seed}{rho}", seed, 0.4 + 0.1 * seed, 1.0, **dense)
@@ -344,7 +343,6 @@ def test_report_keeps_apart_a_setting_varied_within_a_strategy(tmp_path):
         _run_folder(tmp_path, f"m{lr}", 0, 0.5 + lr, 0.6, **{"meta.backbone_lr": lr})
     fedavg = {
         "strategy.name": "fedavg",
-        "gating.enabled": False,
         "meta.first_order": True,
         "meta.optimizer": "sgd",
         "meta.backbone_lr": 1.0,

@@ -17,6 +17,7 @@ from analysis.report import report
 from conf.choices import GateCost, NormKind
 from conf.schema import LEGACY_VALUES, default_config, to_flat, validate
 from gating.federated.settings import meta_config
+from gating.federated.strategies import strategy_of
 from gating.meta import MetaConfig
 from server.checkpoint import (
     RunFolderError,
@@ -215,10 +216,10 @@ def test_a_checkpoint_of_an_earlier_version_cannot_resume_under_another_algorith
 
 def test_settings_a_strategy_cannot_use_are_refused():
     cfg = default_config()
-    cfg.strategy.name, cfg.gating.enabled = "fedavg", False
+    cfg.strategy.name = "fedavg"
     cfg.adapt.zero_head = True
     with pytest.raises(ValueError, match=r"adapt\.zero_head"):
-        validate(cfg)
+        strategy_of(validate(cfg))
 
 
 def test_an_older_run_folder_is_read_with_the_settings_it_ran_with(tmp_path):

@@ -20,6 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from gating.federated.strategies import strategy_of
+
 #: Where a run's checkpoint keeps :meth:`RegularizerWeight.state_dict`.
 CHECKPOINT_KEY = "regularizer"
 
@@ -29,7 +31,7 @@ class RegularizerWeight:
 
     def __init__(self, cfg: DictConfig) -> None:
         gating = cfg.gating
-        self.enabled = bool(gating.enabled)
+        self.enabled = strategy_of(cfg).gated
         self.initial = float(gating["lambda"])
         self.warmup = max(int(gating.warmup_rounds), 0)
         self.lr = float(gating.lambda_lr)

@@ -28,11 +28,11 @@ from gating.federated.settings import (
     model_spec,
     run_parameters,
 )
+from gating.federated.strategies import strategy_of
 from gating.federated.updates import (
     ClientRound,
     ClientUpdate,
     client_update,
-    expected_examples,
 )
 from gating.meta import STEP
 from gating.model import BACKBONE, GATE
@@ -83,7 +83,13 @@ def aggregation_rule(cfg: DictConfig) -> AggregationRule:
 
 
 def server_step_for(cfg: DictConfig, params: Params) -> ServerStep:
-    """The run's server optimizers and aggregation over ``params``."""
+    """The run's server step over ``params``: its strategy's own, or the shared one."""
+    own = strategy_of(cfg).server_step
+    return own(cfg, params) if own is not None else shared_server_step(cfg, params)
+
+
+def shared_server_step(cfg: DictConfig, params: Params) -> ServerStep:
+    """Aggregation, then one optimizer per learned parameter group."""
     return ServerStep(
         params,
         learned_groups(cfg),
@@ -104,7 +110,9 @@ def bounded_weight(claimed: float, expected: float | None) -> float:
 def weight_bound(cfg: DictConfig) -> float | None:
     """What an honest reply's example count is, which bounds every claim; None under
     ``robust.weighting=claimed`` (every claim is believed)."""
-    return None if cfg.robust.weighting is Weighting.claimed else expected_examples(cfg)
+    if cfg.robust.weighting is Weighting.claimed:
+        return None
+    return strategy_of(cfg).examples(cfg)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from conf.choices import TRAITS, ModelArch, StrategyName
+from conf.choices import ModelArch
 from gating.data import DatasetError, NodeTask, TaskSpec
+from gating.federated.strategies import strategy_of
 from gating.meta import STEP, MetaConfig, with_step_sizes
 from gating.model import (
     BACKBONE,
@@ -62,7 +63,7 @@ def spec_for(cfg: DictConfig, channels: int, image_size: int, narrow: bool = Tru
     """
     arch = ModelArch(cfg.model.get("arch", ModelArch.conv))
     widths = cfg.model.get("widths") or ""
-    traits = TRAITS[StrategyName(cfg.strategy.name)]
+    strategy = strategy_of(cfg)
     # Conv-N keeps its own keys; the ResNets' width and depth fields stay at their (unused)
     # defaults, so that equal networks have equal specs (model_for caches by spec).
     conv = {"width": cfg.model.width, "depth": cfg.model.depth} if arch is ModelArch.conv else {}
@@ -75,12 +76,12 @@ def spec_for(cfg: DictConfig, channels: int, image_size: int, narrow: bool = Tru
             gate_bias=cfg.model.gate_bias,
             arch=arch,
             widths=parse_widths(widths),
-            gates=traits.gates,
+            gates=strategy.gates,
             **conv,
         )
     except ValueError as error:
         raise ValueError(f"model.arch={arch.value} model.widths={widths!r}: {error}") from error
-    return narrowed(spec, cfg.gating.target_ratio) if traits.narrow and narrow else spec
+    return narrowed(spec, cfg.gating.target_ratio) if strategy.narrow and narrow else spec
 
 
 @lru_cache(maxsize=16)
@@ -108,7 +109,7 @@ def run_parameters(cfg: DictConfig, spec: ModelSpec) -> Params:
 
 def learned_groups(cfg: DictConfig) -> tuple[str, ...]:
     """The parameter groups the run's strategy learns (the dense ones leave the gates alone)."""
-    groups = (BACKBONE, GATE) if TRAITS[StrategyName(cfg.strategy.name)].gated else (BACKBONE,)
+    groups = (BACKBONE, GATE) if strategy_of(cfg).gated else (BACKBONE,)
     return (*groups, STEP) if cfg.adapt.learn_step_sizes else groups
 
 
@@ -130,7 +131,7 @@ def meta_config(cfg: DictConfig, reg_weight: float, server_round: int = 0) -> Me
         inner_steps=cfg.adapt.inner_steps,
         zero_head=cfg.adapt.zero_head,
         first_order=cfg.meta.first_order,
-        gating=cfg.gating.enabled,
+        gating=strategy_of(cfg).gated,
         target_ratio=cfg.gating.target_ratio,
         reg_weight=reg_weight,
         shaping=shaping_weight(cfg, server_round),

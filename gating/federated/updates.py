@@ -1,10 +1,11 @@
-"""A sampled client's half of a round, one function per kind of update (the registry below).
+"""A sampled client's half of a round: what every strategy's update takes and gives, and the
+meta-gradient update the MAML family shares.
 
-Each function takes the round's meta-initialization and the node's task and returns the
-direction the server averages, the example count it is weighted by and what the client saw.
-The ClientApp, the bare benchmark loop and the tests all call :func:`client_update`; a strategy's
-``conf.choices.TRAITS`` entry says which kind of update it sends, so a strategy that sends an
-existing kind needs no code here.
+An update function takes the round's meta-initialization and the node's task (a
+:class:`ClientRound`) and returns the direction the server averages, the example count it is
+weighted by and what the client saw (a :class:`ClientUpdate`). Each strategy's record
+(``gating.federated.strategies``) names its function; the ClientApp, the bare loop and the
+tests call :func:`client_update`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from conf.choices import TRAITS, StrategyName, UpdateKind
 from gating.data import NodeTask
 from gating.federated.settings import (
     episode_rng,
@@ -27,14 +27,8 @@ from gating.federated.settings import (
     resolve_device,
     seed_torch,
 )
-from gating.meta import (
-    Batch,
-    fedavg_update,
-    meta_gradients,
-    meta_gradients_batched,
-    perfedavg_update,
-    reptile_update,
-)
+from gating.federated.strategies import strategy_of
+from gating.meta import Batch, meta_gradients, meta_gradients_batched
 
 Params = dict[str, Tensor]
 
@@ -88,7 +82,7 @@ class ClientRound:
         return draw
 
 
-def _on_cpu(update: Params) -> Params:
+def on_cpu(update: Params) -> Params:
     """Payloads travel as CPU arrays."""
     return {n: t.detach().cpu() for n, t in update.items()}
 
@@ -107,10 +101,10 @@ def meta_gradient_update(job: ClientRound) -> ClientUpdate:
     else:
         steps = [meta_gradients(model, initial, s, q, meta_cfg) for s, q in episodes]
     return ClientUpdate(
-        update=_on_cpu(
+        update=on_cpu(
             {n: torch.stack([s.grads[n] for s in steps]).mean(0) for n in steps[0].grads}
         ),
-        examples=len(steps) * spec.ways * spec.queries,
+        examples=len(steps) * spec.ways * spec.queries,  # strategies.meta_gradient_examples
         loss=float(np.mean([s.query_loss for s in steps])),
         accuracy=float(np.mean([s.query_accuracy for s in steps])),
         flops_ratio=float(np.mean([s.flops_ratio for s in steps])),
@@ -118,82 +112,11 @@ def meta_gradient_update(job: ClientRound) -> ClientUpdate:
     )
 
 
-def _merged(support: Batch, query: Batch) -> Batch:
+def merged(support: Batch, query: Batch) -> Batch:
+    """All the labelled examples of an episode, for the strategies that train on them."""
     return Batch(torch.cat([support.x, query.x]), torch.cat([support.y, query.y]))
 
 
-def fedavg_client_update(job: ClientRound) -> ClientUpdate:
-    """FedAvg: ``local.steps`` SGD steps on fresh local batches; sends ``θ - θ_local``."""
-    cfg = job.cfg
-    model = model_for(model_spec(cfg, job.task))
-    draw = job.episodes()
-    step = fedavg_update(
-        model,
-        job.initial(),
-        lambda: _merged(*draw()),
-        meta_config(cfg, job.reg_weight),
-        cfg.local.lr,
-        cfg.local.steps,
-    )
-    return ClientUpdate(
-        _on_cpu(step.update), cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
-    )
-
-
-def perfedavg_client_update(job: ClientRound) -> ClientUpdate:
-    """Per-FedAvg (Hessian-free, or first order with ``meta.first_order``); sends
-    ``θ - θ_local``. Its inner step α is ``adapt.backbone_lr``, its outer step β ``local.lr``."""
-    cfg = job.cfg
-    model = model_for(model_spec(cfg, job.task))
-    draw = job.episodes()
-    step = perfedavg_update(
-        model,
-        job.initial(),
-        lambda: (*draw(), draw()[0]),
-        meta_config(cfg, job.reg_weight),
-        alpha=cfg.adapt.backbone_lr,
-        beta=cfg.local.lr,
-        steps=cfg.local.steps,
-        hessian_free=not cfg.meta.first_order,
-        delta=cfg.local.hessian_delta,
-    )
-    return ClientUpdate(
-        _on_cpu(step.update), cfg.local.steps * job.task.spec.ways, step.loss, step.accuracy, 1.0
-    )
-
-
-def reptile_client_update(job: ClientRound) -> ClientUpdate:
-    """Reptile: per episode (``task.tasks_per_client``), the target nodes' ``Adapt`` on all its
-    labelled examples (support and query); sends the mean ``θ - W``."""
-    cfg = job.cfg
-    draw = job.episodes()
-    step = reptile_update(
-        model_for(model_spec(cfg, job.task)),
-        job.initial(),
-        [_merged(*draw()) for _ in range(cfg.task.tasks_per_client)],
-        meta_config(cfg, job.reg_weight),
-    )
-    return ClientUpdate(_on_cpu(step.update), expected_examples(cfg), step.loss, step.accuracy, 1.0)
-
-
-def expected_examples(cfg: DictConfig) -> int:
-    """The examples an honest client's update rests on: what the server bounds claims by."""
-    update = TRAITS[StrategyName(cfg.strategy.name)].update
-    if update is UpdateKind.reptile:
-        return cfg.task.tasks_per_client * cfg.task.ways * (cfg.task.shots + cfg.task.queries)
-    if TRAITS[StrategyName(cfg.strategy.name)].reads_local:
-        return cfg.local.steps * cfg.task.ways
-    return cfg.task.tasks_per_client * cfg.task.ways * cfg.task.queries
-
-
-CLIENT_UPDATES: dict[UpdateKind, Callable[[ClientRound], ClientUpdate]] = {
-    UpdateKind.meta_gradient: meta_gradient_update,
-    UpdateKind.local_sgd: fedavg_client_update,
-    UpdateKind.perfedavg_steps: perfedavg_client_update,
-    UpdateKind.reptile: reptile_client_update,
-}
-
-
 def client_update(job: ClientRound) -> ClientUpdate:
-    """The update that ``job.cfg.strategy.name`` sends (its ``conf.choices.TRAITS`` entry)."""
-    return CLIENT_UPDATES[TRAITS[StrategyName(job.cfg.strategy.name)].update](job)
+    """The update that ``job.cfg.strategy.name`` sends (its record's ``update``)."""
+    return strategy_of(job.cfg).update(job)

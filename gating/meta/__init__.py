@@ -17,7 +17,7 @@ from gating.meta.adapt import (
     task_loss,
     with_step_sizes,
 )
-from gating.meta.local import LocalStep, fedavg_update, perfedavg_update, reptile_update
+from gating.meta.local import LocalStep, fedavg_update, perfedavg_update
 from gating.meta.meta_gradient import MetaStep, meta_gradients, meta_gradients_batched
 from gating.meta.nearest_centroid import nearest_centroid_accuracy
 
@@ -40,7 +40,6 @@ __all__ = [
     "perfedavg_update",
     "query_forward",
     "query_metrics",
-    "reptile_update",
     "stages",
     "support_statistics",
     "task_loss",

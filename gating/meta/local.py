@@ -1,20 +1,20 @@
-"""Local updates of the dense baselines (plain PyTorch, no Flower): FedAvg, Per-FedAvg, Reptile.
+"""Local updates of the dense baselines (plain PyTorch, no Flower): FedAvg and Per-FedAvg.
 
-Each returns a pseudo-gradient ``theta_start - theta_local``; the server averages it and applies
+Both return a pseudo-gradient ``theta_start - theta_local``; the server averages it and applies
 its optimizer (plain SGD with learning rate 1 is exactly FedAvg's model average).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gating.meta.adapt import Batch, MetaConfig, Params, accuracy, adapt, forward, task_loss
-from gating.model import BACKBONE, GatedModel, GateMode, group_of
+from gating.meta.adapt import Batch, MetaConfig, Params, accuracy, forward
+from gating.model import BACKBONE, GatedModel, GateMode
 
 
 @dataclass
@@ -145,26 +145,3 @@ def perfedavg_update(
                 for (n, p), d in zip(theta.items(), direction, strict=True)
             }
     return _result(initial, theta, loss, logits, second.y)
-
-
-def reptile_update(
-    model: GatedModel, initial: Mapping[str, Tensor], episodes: Sequence[Batch], cfg: MetaConfig
-) -> LocalStep:
-    """Reptile (Nichol et al., 2018): per episode, W = ``Adapt(theta; episode)``, the very inner
-    loop a target node runs (``cfg.inner_steps`` steps of α); sends the mean of theta - W over
-    the episodes. Loss and accuracy: on each episode after its adaptation, averaged."""
-    start = {n: t.detach() for n, t in initial.items()}
-    learned = [n for n in start if group_of(n) == BACKBONE]
-    updates, losses, correct = [], [], []
-    for batch in episodes:
-        adapted = adapt(model, start, batch, cfg)
-        updates.append({n: start[n] - adapted[n] for n in learned})
-        with torch.no_grad():
-            loss, out = task_loss(model, adapted, batch, cfg, regularize=False)
-        losses.append(float(loss))
-        correct.append(accuracy(out.logits, batch.y))
-    return LocalStep(
-        update={n: torch.stack([u[n] for u in updates]).mean(0) for n in learned},
-        loss=sum(losses) / len(losses),
-        accuracy=sum(correct) / len(correct),
-    )

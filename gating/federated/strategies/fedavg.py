@@ -1,0 +1,39 @@
+"""FedAvg of the dense backbone: ``local.steps`` SGD steps on fresh local batches, θ - θ_local
+sent; its YAML's server SGD with learning rate 1 makes the step exactly the model average."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from gating.federated.settings import meta_config, model_for, model_spec
+from gating.federated.strategies import GATE_KEYS, Strategy
+from gating.federated.updates import ClientRound, ClientUpdate, merged, on_cpu
+from gating.meta import fedavg_update
+
+
+def client_update(job: ClientRound) -> ClientUpdate:
+    cfg = job.cfg
+    draw = job.episodes()
+    step = fedavg_update(
+        model_for(model_spec(cfg, job.task)),
+        job.initial(),
+        lambda: merged(*draw()),
+        meta_config(cfg, job.reg_weight),
+        cfg.local.lr,
+        cfg.local.steps,
+    )
+    return ClientUpdate(on_cpu(step.update), examples(cfg), step.loss, step.accuracy, 1.0)
+
+
+def examples(cfg: DictConfig) -> int:
+    return cfg.local.steps * cfg.task.ways
+
+
+STRATEGY = Strategy(
+    name="fedavg",
+    update=client_update,
+    examples=examples,
+    # it trains the head it sends; a first-order meta-gradient gives step sizes none
+    fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
+    unread=(*GATE_KEYS, "meta.first_order", "local.hessian_delta"),
+)
