@@ -4,6 +4,13 @@ folders, generic ``.npz`` files and ImageFolder trees (``root/<class>/*.png|jpg|
 Nothing downloads here (the machines have no network): a missing or malformed dataset is a
 :class:`DatasetError` that says what is wrong and how to get or fix the data, never a silent
 fallback to some other data.
+
+Why not torchvision's readers: its IDX reader (``read_sn3_pascalvincent_tensor``) opens the file
+as is, so it cannot read Debian's gzipped Fashion-MNIST, and it checks the header with
+``assert`` (a bare AssertionError, gone under ``python -O``); its ImageFolder neither sees gray
+against RGB nor composites transparency, and PIL's errors surface per sample, mid-training.
+And the torchvision wheels the package registries hold here are CUDA builds that do not load
+beside the CPU build of torch 2.13.0 (``operator torchvision::nms does not exist``).
 """
 
 from __future__ import annotations
