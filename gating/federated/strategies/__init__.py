@@ -44,6 +44,11 @@ def meta_gradient_examples(cfg: DictConfig) -> int:
     return cfg.task.tasks_per_client * cfg.task.ways * cfg.task.queries
 
 
+def local_training_examples(cfg: DictConfig) -> int:
+    """Local training rests on ``local.steps`` batches of ``ways`` classes."""
+    return cfg.local.steps * cfg.task.ways
+
+
 @dataclass(frozen=True)
 class Strategy:
     """Everything a strategy's name implies."""

@@ -3,10 +3,8 @@ sent; its YAML's server SGD with learning rate 1 makes the step exactly the mode
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from gating.federated.settings import meta_config, model_for, model_spec
-from gating.federated.strategies import GATE_KEYS, Strategy
+from gating.federated.strategies import GATE_KEYS, Strategy, local_training_examples
 from gating.federated.updates import ClientRound, ClientUpdate, merged, on_cpu
 from gating.meta import fedavg_update
 
@@ -22,18 +20,16 @@ def client_update(job: ClientRound) -> ClientUpdate:
         cfg.local.lr,
         cfg.local.steps,
     )
-    return ClientUpdate(on_cpu(step.update), examples(cfg), step.loss, step.accuracy, 1.0)
-
-
-def examples(cfg: DictConfig) -> int:
-    return cfg.local.steps * cfg.task.ways
+    return ClientUpdate(
+        on_cpu(step.update), local_training_examples(cfg), step.loss, step.accuracy, 1.0
+    )
 
 
 STRATEGY = Strategy(
     name="fedavg",
     update=client_update,
-    examples=examples,
-    # it trains the head it sends; a first-order meta-gradient gives step sizes none
+    examples=local_training_examples,
+    # it trains the head it sends, and its update holds no step sizes
     fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
     unread=(*GATE_KEYS, "meta.first_order", "local.hessian_delta"),
 )

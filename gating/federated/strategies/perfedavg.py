@@ -5,10 +5,8 @@ order with ``meta.first_order``. Its inner step α is ``adapt.backbone_lr``, its
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
 from gating.federated.settings import meta_config, model_for, model_spec
-from gating.federated.strategies import GATE_KEYS, Strategy
+from gating.federated.strategies import GATE_KEYS, Strategy, local_training_examples
 from gating.federated.updates import ClientRound, ClientUpdate, on_cpu
 from gating.meta import perfedavg_update
 
@@ -27,17 +25,15 @@ def client_update(job: ClientRound) -> ClientUpdate:
         hessian_free=not cfg.meta.first_order,
         delta=cfg.local.hessian_delta,
     )
-    return ClientUpdate(on_cpu(step.update), examples(cfg), step.loss, step.accuracy, 1.0)
-
-
-def examples(cfg: DictConfig) -> int:
-    return cfg.local.steps * cfg.task.ways
+    return ClientUpdate(
+        on_cpu(step.update), local_training_examples(cfg), step.loss, step.accuracy, 1.0
+    )
 
 
 STRATEGY = Strategy(
     name="perfedavg",
     update=client_update,
-    examples=examples,
+    examples=local_training_examples,
     fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
     unread=GATE_KEYS,
 )
