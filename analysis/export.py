@@ -41,6 +41,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -59,6 +60,9 @@ from gating.model import GateMode, gate_shapes
 from server.checkpoint import CHECKPOINT_NAME, RESULT_FILES, RunFolderError, load_checkpoint
 from server.results import TASK_ACCURACY_FILE
 
+if TYPE_CHECKING:
+    import onnx
+
 CONFIG = "config.yaml"
 TASK_ACCURACY = TASK_ACCURACY_FILE
 #: What a run writes into its folder: an export never replaces these.
@@ -68,6 +72,11 @@ FORMATS = ("torch", "onnx")
 #: ONNX Runtime's logits may differ from the sliced model's by float rounding: this much,
 #: relative to the largest logit (at least 1), before the export is called wrong.
 ONNX_TOLERANCE = 1e-4
+#: The ONNX graph of a Conv-N node gets its fast path (the constant-weight network of the most
+#: frequent open channels, checked per input) when at least this share of the node's support
+#: images open those channels: a miss runs both networks (BENCHMARKS.md, "ONNX Runtime at the
+#: edge"), so the fast path pays only where nearly every input hits it.
+FAST_PATH_SHARE = 0.9
 
 
 @dataclass
@@ -300,17 +309,30 @@ def onnx_metadata(result: Export, run_dir: Path) -> dict[str, object]:
     }
 
 
+def onnx_graph(result: Export, metadata: dict[str, object]) -> onnx.ModelProto:
+    """The node's ONNX graph; a Conv-N node's with the fast path for its expected gates where
+    at least :data:`FAST_PATH_SHARE` of its support images open the same channels."""
+    from gating.deploy.onnx_export import frequent_masks, onnx_model
+
+    expected = None
+    if not result.model.spec.is_resnet and result.support_x is not None:
+        masks, share = frequent_masks(result.model, result.support_x)
+        metadata = {**metadata, "expected_gates_share": share}  # of the support images
+        expected = masks if share >= FAST_PATH_SHARE else None
+    return onnx_model(result.model, metadata, expected=expected)
+
+
 def write_onnx(result: Export, out: str | Path | None, run_dir: Path) -> OnnxCheck:
     """Write the node's ONNX graph to ``out`` (None: build it only) and run it, as read back from
     the file, with ONNX Runtime on every query input against the sliced model."""
     try:
-        from gating.deploy.onnx_export import compare, onnx_model, session
+        from gating.deploy.onnx_export import compare, session
     except ImportError as error:
         raise ValueError(
             f"--format onnx needs the onnx and onnxruntime packages ({error}): "
             "pip install -e '.[onnx]'"
         ) from error
-    graph = onnx_model(result.model, onnx_metadata(result, run_dir))
+    graph = onnx_graph(result, onnx_metadata(result, run_dir))
     if out is not None:
         Path(out).write_bytes(graph.SerializeToString())
     assert result.query_x is not None and result.query_y is not None

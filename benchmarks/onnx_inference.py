@@ -15,7 +15,10 @@ inputs are those nodes' query images.
 Variants (one thread each: ONNX Runtime with ``intra_op_num_threads=1``, ``inter_op`` 1; torch
 with ``set_num_threads(1)``; the C engine is single-threaded), timed interleaved within three
 groups (each input runs every variant of its group back to back in a rotating order; medians):
-  ort_gated      the exported graph: gates in the graph, open channels only   <- the product
+  ort_gated      the exported graph (``analysis.export.onnx_graph``), the product: gates in the
+                 graph, open channels only, and where the node's support images mostly open
+                 the same channels the fast path: their constant-weight network, checked
+  ort_general    the same without the fast path: every conv's weights chosen per input
   ort_dense      the same network, every channel, no gate, ONNX Runtime's full optimizations
   ort_dense_ext  the same, ORT_ENABLE_EXTENDED: no NCHWc layout, whose kernels need constant
                  weights (the kernels a graph whose weights depend on the input gets)
@@ -55,12 +58,12 @@ from gated_inference import (
 )
 from host import describe_host  # benchmarks/ is on sys.path: the script's folder
 
-from analysis.export import Export
+from analysis.export import Export, onnx_graph
 from gating.deploy import SlicedGatedNet, native_available, sliced_model
-from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model
+from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model, read_metadata
 from gating.model import ModelSpec
 
-ORT_NAMES = ["ort_gated", "ort_dense", "ort_dense_ext", "ort_static"]
+ORT_NAMES = ["ort_gated", "ort_general", "ort_dense", "ort_dense_ext", "ort_static"]
 C_NAMES = ["c_sliced", "c_dense"]
 TORCH_NAMES = ["torch_sliced", "torch_compile"]
 
@@ -103,6 +106,7 @@ def most_frequent(opened: list[list[np.ndarray]]) -> list[np.ndarray]:
 class Node:
     export: Export
     graph: onnx.ModelProto
+    general: onnx.ModelProto
     dense: onnx.ModelProto
     static: onnx.ModelProto
     support: np.ndarray  # (N, C, H, W): calibration images for int8
@@ -123,7 +127,8 @@ def build_node(export: Export, cfg) -> Node:
     assert export.support_x is not None
     return Node(
         export=export,
-        graph=onnx_model(model),
+        graph=onnx_graph(export, {}),
+        general=onnx_model(model),
         dense=onnx_model(model, dense=True),
         static=onnx_model(static_at(model, frequent)),
         support=export.support_x.numpy(),
@@ -312,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             ort_call(ort_session(g, extended=ext))
             for g, ext in (
                 (node.graph, False),
+                (node.general, False),
                 (node.dense, False),
                 (node.dense, True),
                 (node.static, False),
@@ -352,7 +358,19 @@ def main(argv: list[str] | None = None) -> int:
         f"ONNX Runtime: speedup dense/gated {speedup:.3f}, efficiency {efficiency:.3f} "
         f"(target >= 0.7); without NCHWc: dense_ext/gated "
         f"{med['ort_dense_ext'] / med['ort_gated']:.3f}"
-        f"; static narrower network: dense/static {med['ort_dense'] / med['ort_static']:.3f}"
+        f"; static narrower network: dense/static {med['ort_dense'] / med['ort_static']:.3f} "
+        f"(efficiency {med['ort_dense'] / med['ort_static'] * flops_ratio:.3f})"
+        f"; without the fast path: dense/general {med['ort_dense'] / med['ort_general']:.3f} "
+        f"(efficiency {med['ort_dense'] / med['ort_general'] * flops_ratio:.3f})"
+    )
+    fast = [read_metadata(n.graph)["gates"] != "conditional" for n in nodes]
+    log(
+        "fast path in "
+        + ", ".join(
+            f"node {n.export.partition} ({read_metadata(n.graph).get('expected_gates_share')} "
+            f"of its support images{'' if f else ': below the threshold, none'})"
+            for n, f in zip(nodes, fast, strict=True)
+        )
     )
     log(
         f"C engine: dense/sliced {med['c_dense'] / med['c_sliced']:.3f}, efficiency "

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from PIL import Image
 
 from analysis.export import export_run, main
@@ -26,6 +27,7 @@ from gating.deploy import SlicedGatedNet, sliced_model
 from gating.deploy.onnx_export import (
     OPSET,
     compare,
+    frequent_masks,
     onnx_model,
     read_metadata,
     session,
@@ -176,12 +178,44 @@ def test_static_gates_give_the_narrower_network(name):
     graph = onnx_model(sliced)
     assert read_metadata(graph)["gates"] == "static"
     assert not {node.op_type for node in graph.graph.node} & GATE_OPS
-    # narrower: the conv weights hold only the open channels, fewer than the dense network's
-    weights = {t.name: tuple(t.dims) for t in graph.graph.initializer if "conv.weight" in t.name}
-    dense = {n: tuple(p.shape) for n, p in model.named_parameters() if "conv.weight" in n}
-    assert sum(np.prod(s) for s in weights.values()) < sum(np.prod(s) for s in dense.values())
+    # narrower: the conv weights hold only the open channels (Conv-N's padded with zero ones up
+    # to whole blocks of 16 where the width is a multiple of 16), fewer than the dense network's
+    weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if "conv.weight" in t.name]
+    dense = [p for n, p in model.named_parameters() if "conv.weight" in n]
+    assert sum(np.count_nonzero(w) for w in weights) < sum(p.numel() for p in dense)
+    if not spec.is_resnet and spec.width % 16 == 0:
+        assert all(w.shape[0] % 16 == 0 for w in weights)
     x = torch.randn(6, spec.in_channels, spec.image_size, spec.image_size)
     assert_exact(session(graph), sliced, x)
+
+
+def test_the_expected_gates_fast_path_is_exact_where_it_hits_and_where_it_misses():
+    """Inputs near one image open that image's channels (the fast path's constant network
+    answers), random ones others (the general graph answers): the same results either way."""
+    spec = SPECS["conv4-28"]
+    model, statistics = random_model(spec, 0)
+    sliced = sliced_model(spec, params_of(model), backend="torch", statistics=statistics)
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(1, 1, 28, 28, generator=generator)
+    near = base + 1e-3 * torch.randn(6, 1, 28, 28, generator=generator)
+    x = torch.cat([near, torch.randn(6, 1, 28, 28, generator=generator)])
+    x = x[[i for i in range(len(x)) if decided(model, x[i : i + 1], statistics)]]
+    expected, share = frequent_masks(sliced, near)
+    assert share == 1.0
+    graph = onnx_model(sliced, expected=expected)
+    assert read_metadata(graph)["gates"].startswith("conditional, with a fast path")
+    assert "If" in {node.op_type for node in graph.graph.node}
+    hits = [
+        all(
+            np.array_equal(a, b)
+            for a, b in zip(sliced.forward_with_open(x[i : i + 1])[1], expected, strict=True)
+        )
+        for i in range(len(x))
+    ]
+    assert 4 <= sum(hits) < len(x)  # both paths taken
+    assert_exact(session(graph), sliced, x)
+    with pytest.raises(ValueError, match="Conv-N"):
+        onnx_model(sliced, dense=True, expected=expected)
 
 
 def test_batch_statistics_are_refused():

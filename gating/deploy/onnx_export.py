@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,9 +75,11 @@ Index = np.ndarray | str
 
 
 class _Graph:
-    """Nodes, constants and outputs of one graph, with unique tensor names."""
+    """Nodes, constants and outputs of one graph, with unique tensor names (each starting with
+    ``prefix``: a subgraph's names must not shadow its parent's)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[onnx.TensorProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -85,6 +88,7 @@ class _Graph:
         self._small: dict[tuple, str] = {}
 
     def _fresh(self, hint: str) -> str:
+        hint = self.prefix + hint
         name, n = hint, 1
         while name in self._names:
             n += 1
@@ -132,6 +136,9 @@ class _Graph:
 
     def output(self, name: str, dtype: int, shape: Sequence[int | str]) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
+
+    def graph(self, name: str, inputs: Sequence[onnx.ValueInfoProto] = ()) -> onnx.GraphProto:
+        return helper.make_graph(self.nodes, name, list(inputs), self.outputs, self.constants)
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -204,14 +211,21 @@ def _pool(g: _Graph, x: str, side: int, maybe_empty: bool) -> str:
     return g.op("Reshape", x, g.const([1, -1, out, out], "as_channels"))
 
 
-def _conv_net(g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, dense: bool) -> str:
+def _conv_net(
+    g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, dense: bool
+) -> list[Index]:
+    """The general Conv-N graph (gates decided per input where they can be); returns each
+    layer's open channels."""
     x, in_set = INPUT, np.arange(spec.in_channels)
     sides = spec.layer_sizes()
+    opened: list[Index] = []
     for i in range(spec.depth):
         if dense:
             out_set: Index = np.arange(spec.width)
         else:
-            out_set = _gate(g, x, in_set, p, f"gate.{i}", [spec.width], f"open.{i}")[0]
+            name = f"{g.prefix}open.{i}"
+            out_set = _gate(g, x, in_set, p, f"gate.{i}", [spec.width], name)[0]
+        opened.append(out_set)
         conv = f"backbone.blocks.{i}.conv"
         y = _conv(g, x, p[f"{conv}.weight"], affine[i], out_set, in_set, 1, conv)
         maybe_empty = isinstance(out_set, str) or len(out_set) == 0
@@ -224,7 +238,150 @@ def _conv_net(g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, dense
     rows = g.op("Reshape", rows, g.const([-1, spec.num_classes], "head_rows"))
     flat = g.op("Reshape", x, g.const([1, -1], "features"))
     logits = g.op("MatMul", flat, rows)
-    return g.op("Add", logits, g.const(_numpy(p["backbone.head.bias"]), "head.bias"), out=OUTPUT)
+    bias = g.const(_numpy(p["backbone.head.bias"]), "head.bias")
+    g.op("Add", logits, bias, out=g.prefix + OUTPUT)
+    return opened
+
+
+#: ONNX Runtime's NCHWc channel block on AVX-512 (AVX2's 8 divides it). Its fast convolutions
+#: take an input of fewer channels than a block or a whole number of blocks, and its max-pool a
+#: whole number: a constant-weight layer is padded up to one with zero channels (exact: a zero
+#: channel stays zero through ReLU and pooling and meets zero weights in the next layer).
+BLOCK = 16
+
+
+def _padded(channels: int, width: int) -> int:
+    """Whole blocks, where the layer's full width is some (a narrower width is left as is); at
+    least one channel (a layer with none open: one zero channel, ONNX has no empty conv)."""
+    return max(BLOCK, -(-channels // BLOCK) * BLOCK) if width % BLOCK == 0 else max(channels, 1)
+
+
+def _static_conv_net(
+    g: _Graph,
+    spec: ModelSpec,
+    p: Mapping[str, Tensor],
+    affine,
+    opened: Sequence[np.ndarray],
+    pools: list[tuple[str, np.ndarray, int]] | None = None,
+) -> str:
+    """Conv-N with each layer's open channels ``opened`` fixed: constant weights, each layer
+    padded to whole NCHWc blocks. Returns the logits; with ``pools``, appends per layer the
+    global average pool of its input with that input's channels and padded count."""
+    x, in_set, in_count = INPUT, np.arange(spec.in_channels), spec.in_channels
+    for i, out_set in enumerate(opened):
+        if pools is not None:
+            pools.append((g.op("GlobalAveragePool", x), in_set, in_count))
+        conv = f"backbone.blocks.{i}.conv"
+        scale, shift = (_numpy(t) for t in affine[i])
+        folded = _numpy(p[f"{conv}.weight"]) * scale[:, None, None, None]
+        out_count, k = _padded(len(out_set), spec.width), folded.shape[-1]
+        weight = np.zeros((out_count, in_count, k, k), np.float32)
+        weight[: len(out_set), : len(in_set)] = folded[out_set][:, in_set]
+        bias = np.zeros(out_count, np.float32)
+        bias[: len(out_set)] = shift[out_set]
+        y = g.op(
+            "Conv",
+            x,
+            g.const(weight, f"{conv}.weight"),
+            g.const(bias, f"{conv}.bias"),
+            kernel_shape=[k, k],
+            pads=[k // 2] * 4,
+        )
+        x = g.op("MaxPool", g.op("Relu", y), kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+        in_set, in_count = out_set, out_count
+    spatial = spec.layer_sizes()[-1] ** 2
+    head = _numpy(p["backbone.head.weight"]).reshape(spec.num_classes, spec.width, spatial)
+    rows = np.zeros((in_count, spatial, spec.num_classes), np.float32)
+    rows[: len(in_set)] = head.transpose(1, 2, 0)[in_set]
+    flat = g.op("Reshape", x, g.const([1, -1], "features"))
+    logits = g.op("MatMul", flat, g.const(rows.reshape(-1, spec.num_classes), "head.rows"))
+    return g.op("Add", logits, g.const(_numpy(p["backbone.head.bias"]), "head.bias"))
+
+
+def _all_gates_as_expected(
+    g: _Graph,
+    spec: ModelSpec,
+    p: Mapping[str, Tensor],
+    pools: Sequence[tuple[str, np.ndarray, int]],
+    expected: Sequence[np.ndarray],
+) -> str:
+    """Whether every gate, fed the static network's own layer inputs, opens exactly the
+    ``expected`` channels: all gates in two block-diagonal matrix products, each logit signed
+    (+ where the channel should open, - where not), then min > 0. By induction over the layers
+    the static network then computed what the gated one would (a logit of exactly 0 counts as
+    unexpected: the general graph decides it)."""
+    hidden = spec.gate_hidden
+    fc1 = np.zeros((sum(count for _, _, count in pools), hidden * len(pools)), np.float32)
+    fc2 = np.zeros((hidden * len(pools), spec.width * len(pools)), np.float32)
+    b1, b2, row = [], [], 0
+    for i, ((_, in_set, count), opened) in enumerate(zip(pools, expected, strict=True)):
+        gate, cols = f"gate.{i}", slice(i * hidden, (i + 1) * hidden)
+        fc1[row : row + len(in_set), cols] = _numpy(p[f"{gate}.fc1.weight"]).T[in_set]
+        sign = -np.ones(spec.width, np.float32)
+        sign[opened] = 1.0
+        fc2[cols, i * spec.width : (i + 1) * spec.width] = _numpy(p[f"{gate}.fc2.weight"]).T * sign
+        b1.append(_numpy(p[f"{gate}.fc1.bias"]))
+        b2.append(_numpy(p[f"{gate}.fc2.bias"]) * sign)
+        row += count
+    means = g.op("Flatten", g.op("Concat", *(name for name, _, _ in pools), axis=1))
+    h = g.op(
+        "Relu",
+        g.op("Gemm", means, g.const(fc1, "check.fc1"), g.const(np.concatenate(b1), "check.b1")),
+    )
+    signed = g.op("Gemm", h, g.const(fc2, "check.fc2"), g.const(np.concatenate(b2), "check.b2"))
+    lowest = g.op("ReduceMin", signed, keepdims=0)
+    return g.op("Greater", lowest, g.const(np.zeros((), np.float32), "zero"))
+
+
+def _speculative_conv_net(
+    g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, expected: Sequence[np.ndarray]
+) -> None:
+    """The static network of the ``expected`` open channels, checked: where every gate agrees
+    (the inputs the node mostly sees) its logits, else the general graph (``If``)."""
+    pools: list[tuple[str, np.ndarray, int]] = []
+    logits = _static_conv_net(g, spec, p, affine, expected, pools)
+    agree = _all_gates_as_expected(g, spec, p, pools, expected)
+    hit = _Graph(prefix="hit.")
+    hit.op("Identity", logits, out=f"hit.{OUTPUT}")  # a branch may not output an outer name
+    hit.output(f"hit.{OUTPUT}", TensorProto.FLOAT, [1, spec.num_classes])
+    general = _Graph(prefix="general.")
+    _conv_net(general, spec, p, affine, dense=False)
+    general.outputs.insert(
+        0,
+        helper.make_tensor_value_info(
+            f"general.{OUTPUT}", TensorProto.FLOAT, [1, spec.num_classes]
+        ),
+    )
+    names = [OUTPUT]
+    for i, opened in enumerate(expected):
+        mask = np.zeros(spec.width, np.bool_)
+        mask[opened] = True
+        hit.op("Identity", hit.const(mask, f"open.{i}.expected"), out=f"hit.open.{i}")
+        hit.output(f"hit.open.{i}", TensorProto.BOOL, [spec.width])
+        names.append(f"open.{i}")
+        g.output(f"open.{i}", TensorProto.BOOL, [spec.width])
+    g.nodes.append(
+        helper.make_node(
+            "If",
+            [agree],
+            names,
+            then_branch=hit.graph("expected_gates"),
+            else_branch=general.graph("general"),
+        )
+    )
+    g.conditional = True
+
+
+def frequent_masks(model: SlicedModel, images: Tensor) -> tuple[list[np.ndarray], float]:
+    """The open channels per gated layer that most of ``images`` (N, C, H, W) get, and the
+    share of them that get exactly those."""
+    seen: Counter[tuple[tuple[int, ...], ...]] = Counter()
+    with torch.no_grad():
+        for i in range(len(images)):
+            _, opened = model.forward_with_open(images[i : i + 1])
+            seen[tuple(tuple(int(c) for c in o) for o in opened)] += 1
+    masks, count = seen.most_common(1)[0]
+    return [np.asarray(m, dtype=np.int64) for m in masks], count / len(images)
 
 
 def _resnet(g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, dense: bool) -> str:
@@ -265,15 +422,24 @@ def _resnet(g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, dense: 
 
 
 def onnx_model(
-    model: SlicedModel, metadata: Mapping[str, Any] | None = None, dense: bool = False
+    model: SlicedModel,
+    metadata: Mapping[str, Any] | None = None,
+    dense: bool = False,
+    expected: Sequence[np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """The ONNX graph of a sliced model (its frozen statistics folded in), gates inside.
 
     ``dense=True`` gives the same network with every channel and no gate evaluated (the
-    sliced model's ``forward_dense``): the dense reference for latency. ``metadata`` values
-    are stored as text (JSON for non-strings) in the file's ``metadata_props``.
+    sliced model's ``forward_dense``): the dense reference for latency. ``expected`` (Conv-N
+    with conditional gates: the open channels per layer that most inputs get, as
+    :func:`frequent_masks` finds them) adds a fast path: the constant-weight network of those
+    channels, taken wherever every gate agrees, the general graph elsewhere; the results are
+    the same either way. ``metadata`` values are stored as text (JSON for non-strings) in the
+    file's ``metadata_props``.
     """
     spec = model.spec
+    if expected is not None and (spec.is_resnet or dense):
+        raise ValueError("the expected gates' fast path is for a gated Conv-N graph")
     if model.statistics is None:
         raise ValueError(
             "ONNX export needs the norms' frozen statistics (model.norm=metabn, the default); "
@@ -285,9 +451,22 @@ def onnx_model(
         _resnet(g, spec, model.params, affine, dense)
     else:
         affine = norm_affine(spec, model.params, model.statistics)
-        _conv_net(g, spec, model.params, affine, dense)
+        opened = _conv_net(g, spec, model.params, affine, dense)
+        if not dense and not g.conditional:  # a narrower network: constant, padded weights
+            g = _Graph()
+            g.op("Identity", _static_conv_net(g, spec, model.params, affine, opened), out=OUTPUT)
+            for i, channels in enumerate(opened):
+                mask = np.zeros(spec.width, np.bool_)
+                mask[channels] = True
+                g.op("Identity", g.const(mask, f"open.{i}.constant"), out=f"open.{i}")
+                g.output(f"open.{i}", TensorProto.BOOL, [spec.width])
+        elif not dense and expected is not None:
+            g = _Graph(prefix="static.")
+            _speculative_conv_net(g, spec, model.params, affine, expected)
     shape = [1, spec.in_channels, spec.image_size, spec.image_size]
     gates = "dense" if dense else ("conditional" if g.conditional else "static")
+    if gates == "conditional" and expected is not None:
+        gates = "conditional, with a fast path for the expected gates"
     graph = helper.make_graph(
         g.nodes,
         f"{spec.describe()} ({gates})",
