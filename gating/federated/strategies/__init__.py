@@ -75,7 +75,7 @@ class Strategy:
             if actual != value:
                 raise ValueError(
                     f"{key}={actual} does not suit strategy={self.name}, which implies "
-                    f"{key}={value} (conf/strategy/{self.name}.yaml says why)"
+                    f"{key}={value} (gating/federated/strategies/{self.name}.py says why)"
                 )
 
     def reads(self, key: str) -> bool:

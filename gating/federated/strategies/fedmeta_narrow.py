@@ -23,6 +23,6 @@ STRATEGY = Strategy(
     name="fedmeta_narrow",
     update=meta_gradient_update,
     narrow=True,
-    fixes={"adapt.learn_step_sizes": False},
+    fixes={"adapt.learn_step_sizes": False},  # the baseline is plain fedmeta
     unread=GATING_BUT_THE_BUDGET + tuple(k for k in GATE_KEYS if k != "gating.") + LOCAL_KEYS,
 )

@@ -34,6 +34,7 @@ STRATEGY = Strategy(
     name="perfedavg",
     update=client_update,
     examples=local_training_examples,
+    # it trains the head it sends, and its update holds no step sizes
     fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
     unread=GATE_KEYS,
 )
