@@ -56,20 +56,26 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({NODE: node, METRICS: metrics}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """This node's update direction for the round (see ``gating.federated.updates``)."""
+def round_job(msg: Message, context: Context) -> ClientRound:
+    """What a training message asks of this node."""
     cfg, per_round = decode_config(msg.content[CONFIG])
     task = node_task(cfg, dict(context.node_config))
     if task.role != "train":
         raise RuntimeError(f"partition {task.partition_id} is a {task.role} node, not for training")
-    job = ClientRound(
+    return ClientRound(
         cfg,
         task,
         msg.content[ARRAYS].to_torch_state_dict(),
         int(per_round[ROUND_KEY]),
         float(per_round[REG_WEIGHT_KEY]),
     )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """This node's update direction for the round (see ``gating.federated.updates``)."""
+    job = round_job(msg, context)
+    task = job.task
     result = client_update(job)
     metrics = MetricRecord(
         {

@@ -35,17 +35,19 @@ RUN = [
     "meta.gate_lr=1e-3",
 ]
 DEFENDED = ["robust.clip_factor=1"]
+LIE = ["--attack", "sign_flip,claim", "--scale", "1e6", "--claim", "1e9", "--attackers", "1"]
 UNDEFENDED = ["robust.weighting=claimed", "robust.clip=off"]
 
 
 def run(tmp_path: Path, env: dict[str, str], name: str, *overrides: str, poison: bool) -> dict:
     folder = tmp_path / name
-    module = "tests.poison" if poison else "simulate"
-    command = [sys.executable, "-m", module] if poison else [sys.executable, "simulate.py"]
+    command = [sys.executable, "simulate.py"]
+    if poison:  # partition 0 (of the training nodes) lies
+        command = [sys.executable, "benchmarks/attacks.py", *LIE]
     result = subprocess.run(
         [*command, *RUN, *overrides, f"hydra.run.dir={folder}"],
         cwd=ROOT,
-        env={**env, "POISON_EXAMPLES": "1e9", "POISON_SCALE": "-1e6"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
