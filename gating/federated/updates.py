@@ -28,7 +28,7 @@ from gating.federated.settings import (
     seed_torch,
 )
 from gating.federated.strategies import strategy_of
-from gating.meta import Batch, meta_gradients, meta_gradients_batched
+from gating.meta import Batch, LocalStep, meta_gradients, meta_gradients_batched
 
 Params = dict[str, Tensor]
 
@@ -115,6 +115,11 @@ def meta_gradient_update(job: ClientRound) -> ClientUpdate:
 def merged(support: Batch, query: Batch) -> Batch:
     """All the labelled examples of an episode, for the strategies that train on them."""
     return Batch(torch.cat([support.x, query.x]), torch.cat([support.y, query.y]))
+
+
+def local_reply(step: LocalStep, examples: int) -> ClientUpdate:
+    """What a strategy that trains locally sends: ``θ - θ_local``, dense (MAC ratio 1)."""
+    return ClientUpdate(on_cpu(step.update), examples, step.loss, step.accuracy, 1.0)
 
 
 def client_update(job: ClientRound) -> ClientUpdate:

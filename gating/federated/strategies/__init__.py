@@ -37,6 +37,9 @@ GATE_KEYS = (
 )
 #: Settings only the strategies that train locally read.
 LOCAL_KEYS = ("local.",)
+#: What a strategy that sends θ - θ_local fixes: it trains the head it sends (no zero head), and
+#: its update holds no step sizes.
+SENDS_LOCAL_WEIGHTS = {"adapt.zero_head": False, "adapt.learn_step_sizes": False}
 
 
 def meta_gradient_examples(cfg: DictConfig) -> int:

@@ -4,8 +4,13 @@ sent; its YAML's server SGD with learning rate 1 makes the step exactly the mode
 from __future__ import annotations
 
 from gating.federated.settings import meta_config, model_for, model_spec
-from gating.federated.strategies import GATE_KEYS, Strategy, local_training_examples
-from gating.federated.updates import ClientRound, ClientUpdate, merged, on_cpu
+from gating.federated.strategies import (
+    GATE_KEYS,
+    SENDS_LOCAL_WEIGHTS,
+    Strategy,
+    local_training_examples,
+)
+from gating.federated.updates import ClientRound, ClientUpdate, local_reply, merged
 from gating.meta import fedavg_update
 
 
@@ -20,16 +25,13 @@ def client_update(job: ClientRound) -> ClientUpdate:
         cfg.local.lr,
         cfg.local.steps,
     )
-    return ClientUpdate(
-        on_cpu(step.update), local_training_examples(cfg), step.loss, step.accuracy, 1.0
-    )
+    return local_reply(step, local_training_examples(cfg))
 
 
 STRATEGY = Strategy(
     name="fedavg",
     update=client_update,
     examples=local_training_examples,
-    # it trains the head it sends, and its update holds no step sizes
-    fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
+    fixes=SENDS_LOCAL_WEIGHTS,
     unread=(*GATE_KEYS, "meta.first_order", "local.hessian_delta"),
 )

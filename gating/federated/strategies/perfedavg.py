@@ -6,8 +6,13 @@ order with ``meta.first_order``. Its inner step α is ``adapt.backbone_lr``, its
 from __future__ import annotations
 
 from gating.federated.settings import meta_config, model_for, model_spec
-from gating.federated.strategies import GATE_KEYS, Strategy, local_training_examples
-from gating.federated.updates import ClientRound, ClientUpdate, on_cpu
+from gating.federated.strategies import (
+    GATE_KEYS,
+    SENDS_LOCAL_WEIGHTS,
+    Strategy,
+    local_training_examples,
+)
+from gating.federated.updates import ClientRound, ClientUpdate, local_reply
 from gating.meta import perfedavg_update
 
 
@@ -25,16 +30,13 @@ def client_update(job: ClientRound) -> ClientUpdate:
         hessian_free=not cfg.meta.first_order,
         delta=cfg.local.hessian_delta,
     )
-    return ClientUpdate(
-        on_cpu(step.update), local_training_examples(cfg), step.loss, step.accuracy, 1.0
-    )
+    return local_reply(step, local_training_examples(cfg))
 
 
 STRATEGY = Strategy(
     name="perfedavg",
     update=client_update,
     examples=local_training_examples,
-    # it trains the head it sends, and its update holds no step sizes
-    fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
+    fixes=SENDS_LOCAL_WEIGHTS,
     unread=GATE_KEYS,
 )

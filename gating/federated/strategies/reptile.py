@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from gating.federated.settings import meta_config, model_for, model_spec
-from gating.federated.strategies import GATE_KEYS, LOCAL_KEYS, Strategy
-from gating.federated.updates import ClientRound, ClientUpdate, merged, on_cpu
+from gating.federated.strategies import GATE_KEYS, LOCAL_KEYS, SENDS_LOCAL_WEIGHTS, Strategy
+from gating.federated.updates import ClientRound, ClientUpdate, local_reply, merged
 from gating.meta import Batch, LocalStep, MetaConfig, accuracy, adapt, task_loss
 from gating.model import BACKBONE, GatedModel, group_of
 
@@ -52,7 +52,7 @@ def client_update(job: ClientRound) -> ClientUpdate:
         [merged(*draw()) for _ in range(cfg.task.tasks_per_client)],
         meta_config(cfg, job.reg_weight),
     )
-    return ClientUpdate(on_cpu(step.update), examples(cfg), step.loss, step.accuracy, 1.0)
+    return local_reply(step, examples(cfg))
 
 
 def examples(cfg: DictConfig) -> int:
@@ -63,7 +63,6 @@ STRATEGY = Strategy(
     name="reptile",
     update=client_update,
     examples=examples,
-    # W must start from the meta-initialization's own head; first order by construction
-    fixes={"adapt.zero_head": False, "adapt.learn_step_sizes": False},
+    fixes=SENDS_LOCAL_WEIGHTS,  # W starts from the meta-initialization's own head
     unread=(*GATE_KEYS, *LOCAL_KEYS, "meta.first_order"),
 )
