@@ -57,6 +57,8 @@ def inert_keys(config: dict[str, Any]) -> set[str]:
         inert.add("model.widths")
     else:  # the ResNets read their stage widths
         inert |= {"model.width", "model.depth"}
+    if config.get("robust.aggregation", "mean") != "centered_clipping":
+        inert.add("robust.cc_radius")
     assumes_liars = {"krum", "multi_krum", "bulyan"}
     if config.get("robust.aggregation", "mean") not in assumes_liars and not config.get(
         "robust.nnm"

@@ -20,10 +20,10 @@ class GateKind(StrEnum):
 
 #: The federated strategies: one per YAML in ``conf/strategy/`` (the command line's
 #: ``strategy=<name>``), each with its record in ``gating/federated/strategies/<name>.py``.
-StrategyName = StrEnum(
-    "StrategyName",
-    {path.stem: path.stem for path in sorted((Path(__file__).parent / "strategy").glob("*.yaml"))},
-)
+_STRATEGY_YAMLS = sorted((Path(__file__).parent / "strategy").glob("*.yaml"))
+if not _STRATEGY_YAMLS:  # e.g. an app bundle built without them (pyproject.toml's fab-include)
+    raise ImportError(f"no strategy YAML in {Path(__file__).parent / 'strategy'}: they name them")
+StrategyName = StrEnum("StrategyName", {path.stem: path.stem for path in _STRATEGY_YAMLS})
 
 
 class DatasetName(StrEnum):
@@ -90,6 +90,9 @@ class Aggregation(StrEnum):
     multi_krum = "multi_krum"  # the weighted mean of the n - f best-scored by Krum
     bulyan = "bulyan"  # Krum picks n - 2f, then per coordinate the mean of the n - 4f nearest
     # the median (El Mhamdi et al. 2018); needs n >= 4f + 3
+    # the previous round's aggregate plus the weighted mean of each update's difference to it,
+    # clipped at robust.cc_radius (Karimireddy et al. 2021)
+    centered_clipping = "centered_clipping"
 
 
 class GateCost(StrEnum):

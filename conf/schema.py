@@ -165,6 +165,9 @@ class RobustConfig:
     # nearest-neighbour mixing before the rule (Allouah et al. 2023): each update replaced by
     # the mean of its n - f nearest (itself included)
     nnm: bool = False
+    # centered_clipping: the radius of each update's difference to the previous aggregate
+    # (0: the round's median difference)
+    cc_radius: float = 0.0
 
 
 @dataclass

@@ -116,6 +116,11 @@ CHECKS = (
     Check("robust.clip_factor", lambda c: c.robust.clip_factor > 0, "> 0"),
     Check("robust.clip_norm", lambda c: c.robust.clip_norm > 0, "> 0"),
     Check("robust.trim_fraction", lambda c: 0 <= c.robust.trim_fraction < 0.5, "in [0, 0.5)"),
+    Check(
+        "robust.cc_radius",
+        lambda c: math.isfinite(c.robust.cc_radius) and c.robust.cc_radius >= 0,
+        ">= 0 (0: the round's median distance to the previous aggregate)",
+    ),
     Check("robust.byzantine", lambda c: c.robust.byzantine >= 0, ">= 0"),
     Check(
         "robust.byzantine",

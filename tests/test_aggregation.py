@@ -134,6 +134,51 @@ def test_nearest_neighbour_mixing_averages_each_update_with_its_nearest():
     )
 
 
+def test_centered_clipping_moves_the_center_by_clipped_differences():
+    """Karimireddy et al. (2021), written out: v + sum_i w_i (x_i - v) min(1, tau / |x_i - v|),
+    tau the lower median of the distances; an outlier moves v by at most its weight x tau."""
+    center = honest(9)
+    updates = [honest(i) for i in range(5)]
+    updates[2] = {n: t + 1e4 for n, t in updates[2].items()}
+    weights = [1.0, 2.0, 1.0, 1.0, 1.0]
+    rule = AggregationRule(clip=Clipping.off, aggregation=Aggregation.centered_clipping)
+    direction, _ = aggregate(updates, weights, rule, center=center)
+    flat = lambda u: np.concatenate([u[n].numpy().ravel() for n in PARAMS])  # noqa: E731
+    v = flat(center)
+    differences = [flat(u) - v for u in updates]
+    distances = [np.linalg.norm(d) for d in differences]
+    tau = sorted(distances)[(len(distances) - 1) // 2]
+    share = np.array(weights) / sum(weights)
+    expected = v + sum(
+        w * d * min(1.0, tau / r) for w, d, r in zip(share, differences, distances, strict=True)
+    )
+    np.testing.assert_allclose(flat(direction), expected, rtol=1e-5, atol=1e-6)
+    assert np.linalg.norm(flat(direction) - v) <= tau * (1 + 1e-6)
+    # a fixed radius, and with every difference inside it, the weighted mean itself
+    wide = AggregationRule(clip=Clipping.off, aggregation="centered_clipping", cc_radius=1e9)
+    honest_only = [honest(i) for i in range(4)]
+    mean = sum(w * flat(u) for w, u in zip([0.25] * 4, honest_only, strict=True))
+    np.testing.assert_allclose(
+        flat(aggregate(honest_only, [1.0] * 4, wide, center=center)[0]), mean, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_centered_clipping_keeps_its_center_across_rounds_and_checkpoints():
+    rule = AggregationRule(clip=Clipping.off, aggregation=Aggregation.centered_clipping)
+    step = ServerStep(PARAMS, ("backbone", "gate"), "sgd", {"backbone": 0.1, "gate": 0.1}, rule)
+    assert step.center is None
+    step.apply([honest(0), honest(1), honest(2)], [1.0] * 3, 1)
+    first = {n: t.clone() for n, t in step.center.items()}
+    expected, _ = aggregate([honest(3), honest(4), honest(5)], [1.0] * 3, rule, center=first)
+    saved = step.state_dict()
+    resumed = ServerStep(PARAMS, ("backbone", "gate"), "sgd", {"backbone": 0.1, "gate": 0.1}, rule)
+    resumed.load_state_dict(saved)
+    for s in (step, resumed):
+        s.apply([honest(3), honest(4), honest(5)], [1.0] * 3, 2)
+        for name in PARAMS:
+            torch.testing.assert_close(s.center[name], expected[name])
+
+
 def test_private_aggregation_is_the_noisy_mean_of_clipped_updates():
     updates = [{n: 10 * t for n, t in honest(i).items()} for i in range(4)]
     rule = AggregationRule(noise_multiplier=1.5, dp_clip_norm=2.0)

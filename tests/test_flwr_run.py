@@ -24,6 +24,7 @@ import httpx
 import pytest
 from flwr.common.config import flatten_dict
 
+from conf.choices import StrategyName
 from conf.schema import FLWR_RUN_DEMO, default_config, settings_from_flat, to_flat
 from server.app import resolve_output_dir
 from tests.support import ProcessTree
@@ -96,6 +97,8 @@ def test_the_app_bundle_holds_the_apps_code_and_no_results(tmp_path):
     packages = {name.split("/")[0] for name in names}
     assert packages == {"client", "conf", "gating", "server", "pyproject.toml", ".info"}
     assert "server/app.py" in names and "client/app.py" in names
+    # the strategies' YAMLs: their names are the valid strategy.name values on every node
+    assert {f"conf/strategy/{name.value}.yaml" for name in StrategyName} <= set(names)
     # Flower installs it: its manifest of "path,sha256,bits" lines parses and every hash matches.
     installed = install_from_fab(fab, tmp_path / "apps", skip_prompt=True)
     assert (installed / "gating" / "model" / "convnet.py").exists()

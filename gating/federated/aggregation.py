@@ -10,7 +10,9 @@ to the sum (``gating.federated.privacy`` accounts for it).
 
 The rules that assume at most f liars per round (``robust.byzantine``) work on whole updates:
 Krum and Multi-Krum (Blanchard et al., NeurIPS 2017), Bulyan (El Mhamdi et al., ICML 2018), and
-nearest-neighbour mixing before any rule (Allouah et al., AISTATS 2023). They are written here
+nearest-neighbour mixing before any rule (Allouah et al., AISTATS 2023). Centered clipping
+(Karimireddy et al., ICML 2021) needs no f: it keeps the previous round's aggregate as the center
+and adds the clipped differences to it. They are written here
 because the algorithm layer may not import Flower, whose ``aggregate_krum`` and
 ``aggregate_bulyan`` are the reference they are tested against, and ByzFL's need torchvision,
 matplotlib and seaborn at import.
@@ -44,6 +46,7 @@ class AggregationRule:
     trim_fraction: float = 0.2
     byzantine: int = 1  # f: liars per round that krum, multi_krum, bulyan and nnm withstand
     nnm: bool = False  # nearest-neighbour mixing before the rule
+    cc_radius: float = 0.0  # centered clipping's radius (0: the round's median distance)
     noise_multiplier: float = 0.0  # > 0: client-level DP with clip_norm = dp_clip_norm
     dp_clip_norm: float = 1.0
 
@@ -87,9 +90,11 @@ def aggregate(
     weights: Sequence[float],
     rule: AggregationRule,
     generator: torch.Generator | None = None,
+    center: Mapping[str, Tensor] | None = None,
 ) -> tuple[Params, AggregationReport]:
     """One direction from ``updates`` (summed in the given order, which callers fix, so a
-    resumed run adds in the same order). ``generator`` draws the DP noise."""
+    resumed run adds in the same order). ``generator`` draws the DP noise; ``center`` is the
+    previous round's direction, which centered clipping starts from (None: zero)."""
     if not updates or len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates and {len(weights)} weights")
     norms = [update_norm(u) for u in updates]
@@ -107,6 +112,10 @@ def aggregate(
         return _private_mean(scaled, names, rule, generator), report
     if rule.nnm:
         scaled = nearest_neighbour_mixing(scaled, rule.byzantine)
+    if rule.aggregation is Aggregation.centered_clipping:
+        if center is None:
+            center = {n: torch.zeros_like(t) for n, t in updates[0].items()}
+        return centered_clipping(scaled, weights, center, rule.cc_radius), report
     if rule.aggregation in WHOLE_UPDATE_RULES:
         return WHOLE_UPDATE_RULES[rule.aggregation](scaled, weights, rule.byzantine), report
     if rule.aggregation is Aggregation.mean:
@@ -197,6 +206,26 @@ def nearest_neighbour_mixing(
         {n: torch.stack([updates[j][n] for j in row.tolist()]).mean(dim=0) for n in updates[0]}
         for row in nearest
     ]
+
+
+def centered_clipping(
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    center: Mapping[str, Tensor],
+    radius: float = 0.0,
+) -> Params:
+    """v + sum_i w_i clip(x_i - v), each difference scaled to norm at most ``radius`` (0: the
+    lower median of the differences' norms), v the previous round's aggregate; one iteration,
+    which Karimireddy et al. show suffices when v carries the history."""
+    differences = [{n: u[n] - center[n] for n in center} for u in updates]
+    norms = [update_norm(d) for d in differences]
+    tau = radius if radius > 0 else float(np.sort(norms)[(len(norms) - 1) // 2])
+    clipped = [
+        {n: t * min(1.0, tau / norm) for n, t in d.items()} if norm > 0 else d
+        for d, norm in zip(differences, norms, strict=True)
+    ]
+    moved = _weighted(clipped, weights)
+    return {n: center[n] + moved[n] for n in center}
 
 
 WHOLE_UPDATE_RULES = {

@@ -75,6 +75,7 @@ def aggregation_rule(cfg: DictConfig) -> AggregationRule:
         clip_norm=cfg.robust.clip_norm,
         aggregation=cfg.robust.aggregation,
         trim_fraction=cfg.robust.trim_fraction,
+        cc_radius=cfg.robust.cc_radius,
         byzantine=cfg.robust.byzantine,
         nnm=cfg.robust.nnm,
         noise_multiplier=cfg.privacy.noise_multiplier,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from conf.choices import ServerOptimizer
+from conf.choices import Aggregation, ServerOptimizer
 from gating.federated.aggregation import (
     AggregationReport,
     AggregationRule,
@@ -70,6 +70,8 @@ class ServerStep:
         self.rule = AggregationRule() if rule is None else rule
         self.seed = seed
         self._leaves = {n: torch.nn.Parameter(t.detach().clone()) for n, t in params.items()}
+        # the previous round's direction, which centered clipping starts from
+        self.center: Params | None = None
         self.learned = [n for n in self._leaves if group_of(n) in learned_groups]
         self.optimizers = {
             group: make_optimizer(optimizer, members, lrs[group])
@@ -101,7 +103,7 @@ class ServerStep:
         generator = None
         if self.rule.private:
             generator = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + server_round)
-        direction, report = aggregate(updates, weights, self.rule, generator)
+        direction, report = aggregate(updates, weights, self.rule, generator, self.center)
         if ratios is not None:
             report.ratio = budget_ratio(weights, ratios, self.rule, generator)
         before = self.state_dict()  # to undo a step that breaks the model
@@ -124,6 +126,8 @@ class ServerStep:
             raise RoundFailed(
                 f"round {server_round}: {problem} (update norms {norms}); the step was undone"
             )
+        if self.rule.aggregation is Aggregation.centered_clipping:
+            self.center = {n: d.detach().clone() for n, d in direction.items()}
         return report
 
     def _finite(self) -> bool:
@@ -136,10 +140,13 @@ class ServerStep:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """A copy (the optimizers' own state_dict shares their live tensors)."""
-        return {
+        state = {
             "params": {n: p.detach().clone() for n, p in self._leaves.items()},
             "optimizers": {g: _copied(o.state_dict()) for g, o in self.optimizers.items()},
         }
+        if self.center is not None:
+            state["center"] = _copied(self.center)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; names and shapes must match exactly."""
@@ -167,6 +174,7 @@ class ServerStep:
             )
         for group, opt_state in state["optimizers"].items():
             self.optimizers[group].load_state_dict(opt_state)
+        self.center = _copied(state["center"]) if "center" in state else None
 
 
 def _copied(tree: Any) -> Any:
