@@ -95,17 +95,20 @@ def _task_fn(model: GatedModel, names: list[str], cfg: MetaConfig) -> Callable[.
     return one_task
 
 
-def _step(model: GatedModel, cfg: MetaConfig, grads: Params, aux: tuple, query_y: Tensor):
+def _step(
+    model: GatedModel, cfg: MetaConfig, grads: Params, aux: tuple, query_y: Tensor
+) -> MetaStep:
+    """One task's :class:`MetaStep` from its meta-gradient and the query pass's outputs."""
     loss, logits, gates = aux
-    trace = [LayerTrace(mask=mask, prob=prob) for mask, prob in gates]
+    ratio, deployed = query_ratios(model, [LayerTrace(mask=m, prob=p) for m, p in gates], cfg)
     return MetaStep(
         grads={
             n: torch.zeros_like(g) if cfg.zero_head and n in HEAD else g for n, g in grads.items()
         },
         query_loss=float(loss),
         query_accuracy=accuracy(logits, query_y),
-        flops_ratio=query_ratios(model, trace, cfg)[0],
-        deployed_flops_ratio=query_ratios(model, trace, cfg)[1],
+        flops_ratio=ratio,
+        deployed_flops_ratio=deployed,
     )
 
 
