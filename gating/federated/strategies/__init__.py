@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +40,7 @@ GATE_KEYS = (
 LOCAL_KEYS = ("local.",)
 #: What a strategy that sends θ - θ_local fixes: it trains the head it sends (no zero head), and
 #: its update holds no step sizes.
-SENDS_LOCAL_WEIGHTS = {"adapt.zero_head": False, "adapt.learn_step_sizes": False}
+SENDS_LOCAL_WEIGHTS = MappingProxyType({"adapt.zero_head": False, "adapt.learn_step_sizes": False})
 
 
 def meta_gradient_examples(cfg: DictConfig) -> int:
@@ -100,7 +101,3 @@ def strategy_of(cfg: DictConfig) -> Strategy:
     strategy = strategy_named(str(cfg.strategy.name))
     strategy.check(cfg)
     return strategy
-
-
-def all_strategies() -> list[Strategy]:
-    return [strategy_named(name) for name in StrategyName]
