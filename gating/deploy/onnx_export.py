@@ -27,7 +27,10 @@ it. The graph is the sliced network of :mod:`gating.deploy.sliced` (Conv-N) and
 
 Speed. ONNX Runtime's fastest CPU convolutions (its NCHWc layout) need weights known when the
 session starts; weights chosen per input run on its general im2col-and-GEMM path instead, which
-at Conv-4 28x28 costs more than the gates save (BENCHMARKS.md, "ONNX Runtime at the edge").
+at Conv-4 28x28 costs more than the gates save. Hence constant-weight layers padded to whole
+NCHWc blocks, and for Conv-N the fast path for the gates a node expects (``expected``): the
+constant-weight network of those channels, checked per input, the general graph under an ``If``
+where a gate disagrees (BENCHMARKS.md, "ONNX Runtime at the edge").
 
 The file states, in its ``metadata_props``, the opset, the input's name, shape and type, the
 node's classes (global ids in logit order) and whatever the exporter adds (the preprocessing of
