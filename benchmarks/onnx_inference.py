@@ -60,7 +60,14 @@ from host import describe_host  # benchmarks/ is on sys.path: the script's folde
 
 from analysis.export import Export, onnx_graph
 from gating.deploy import SlicedGatedNet, native_available, sliced_model
-from gating.deploy.onnx_export import INPUT, OUTPUT, compare, onnx_model, read_metadata
+from gating.deploy.onnx_export import (
+    INPUT,
+    OUTPUT,
+    compare,
+    most_frequent,
+    onnx_model,
+    read_metadata,
+)
 from gating.model import ModelSpec
 
 ORT_NAMES = ["ort_gated", "ort_general", "ort_dense", "ort_dense_ext", "ort_static"]
@@ -96,12 +103,6 @@ def static_at(model: SlicedGatedNet, masks: list[np.ndarray]) -> SlicedGatedNet:
     return sliced_model(model.spec, params, backend="torch", statistics=model.statistics)
 
 
-def most_frequent(opened: list[list[np.ndarray]]) -> list[np.ndarray]:
-    keys = [tuple(tuple(o.tolist()) for o in op) for op in opened]
-    best = max(set(keys), key=keys.count)
-    return [np.asarray(o, dtype=np.int64) for o in best]
-
-
 @dataclasses.dataclass
 class Node:
     export: Export
@@ -120,10 +121,8 @@ def build_node(export: Export, cfg) -> Node:
     assert export.query_x is not None
     inputs = [export.query_x[i : i + 1].contiguous() for i in range(len(export.query_x))]
     opened = [model.forward_with_open(x)[1] for x in inputs]
-    frequent = most_frequent(opened)
-    hits = sum(
-        all(np.array_equal(a, b) for a, b in zip(op, frequent, strict=True)) for op in opened
-    )
+    frequent, share = most_frequent(opened)
+    hits = round(share * len(opened))
     assert export.support_x is not None
     return Node(
         export=export,

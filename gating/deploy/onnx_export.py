@@ -259,6 +259,13 @@ def _padded(channels: int, width: int) -> int:
     return max(BLOCK, -(-channels // BLOCK) * BLOCK) if width % BLOCK == 0 else max(channels, 1)
 
 
+def _open_mask(width: int, channels: np.ndarray) -> np.ndarray:
+    """A gate's boolean decision over its ``width`` channels, ``channels`` open."""
+    mask = np.zeros(width, np.bool_)
+    mask[channels] = True
+    return mask
+
+
 def _static_conv_net(
     g: _Graph,
     spec: ModelSpec,
@@ -357,8 +364,7 @@ def _speculative_conv_net(
     )
     names = [OUTPUT]
     for i, opened in enumerate(expected):
-        mask = np.zeros(spec.width, np.bool_)
-        mask[opened] = True
+        mask = _open_mask(spec.width, opened)
         hit.op("Identity", hit.const(mask, f"open.{i}.expected"), out=f"hit.open.{i}")
         hit.output(f"hit.open.{i}", TensorProto.BOOL, [spec.width])
         names.append(f"open.{i}")
@@ -375,16 +381,20 @@ def _speculative_conv_net(
     g.conditional = True
 
 
-def frequent_masks(model: SlicedModel, images: Tensor) -> tuple[list[np.ndarray], float]:
-    """The open channels per gated layer that most of ``images`` (N, C, H, W) get, and the
-    share of them that get exactly those."""
-    seen: Counter[tuple[tuple[int, ...], ...]] = Counter()
-    with torch.no_grad():
-        for i in range(len(images)):
-            _, opened = model.forward_with_open(images[i : i + 1])
-            seen[tuple(tuple(int(c) for c in o) for o in opened)] += 1
+def most_frequent(opened: Sequence[Sequence[np.ndarray]]) -> tuple[list[np.ndarray], float]:
+    """The open channels per gated layer that most inputs got (``opened``: per input, per
+    layer), and the share of the inputs that got exactly those."""
+    seen = Counter(tuple(tuple(int(c) for c in layer) for layer in one) for one in opened)
     masks, count = seen.most_common(1)[0]
-    return [np.asarray(m, dtype=np.int64) for m in masks], count / len(images)
+    return [np.asarray(m, dtype=np.int64) for m in masks], count / len(opened)
+
+
+def frequent_masks(model: SlicedModel, images: Tensor) -> tuple[list[np.ndarray], float]:
+    """:func:`most_frequent` of what ``model`` opens for each of ``images`` (N, C, H, W)."""
+    with torch.no_grad():
+        return most_frequent(
+            [model.forward_with_open(images[i : i + 1])[1] for i in range(len(images))]
+        )
 
 
 def _resnet(g: _Graph, spec: ModelSpec, p: Mapping[str, Tensor], affine, dense: bool) -> str:
@@ -459,8 +469,7 @@ def onnx_model(
             g = _Graph()
             g.op("Identity", _static_conv_net(g, spec, model.params, affine, opened), out=OUTPUT)
             for i, channels in enumerate(opened):
-                mask = np.zeros(spec.width, np.bool_)
-                mask[channels] = True
+                mask = _open_mask(spec.width, channels)
                 g.op("Identity", g.const(mask, f"open.{i}.constant"), out=f"open.{i}")
                 g.output(f"open.{i}", TensorProto.BOOL, [spec.width])
         elif not dense and expected is not None:
