@@ -1,13 +1,16 @@
-"""Meta-gradients: d L(Adapt(theta, phi; S); Q) / d(theta, phi), one pure per-task function.
+"""Meta-gradients: d L(Adapt(theta, phi; S); Q) / d(theta, phi), from one per-task objective.
 
-One task's meta-gradient is :func:`_task_fn`, written with ``torch.func.grad`` around
-``gating.meta.adapt.adapt`` (second order: the inner ``grad`` nested inside the outer one; first
-order: the query gradient at the adapted point, the inner steps constants). A client's tasks run
-it in a loop (:func:`meta_gradients`) or ``vmap``-ed over the tasks
-(:func:`meta_gradients_batched`, ``task.batched``: fewer, larger kernels). Under ``vmap`` the gate
-noise is drawn with ``randomness="different"``: independent per task, as in the loop, but not the
-same numbers the loop draws from the same seed (tests/test_meta_vmap.py compares the two with
-fixed noise). Every task of a batched call must have the same support and query sizes.
+One task's query loss as a function of its learned parameters is :func:`_objective` (second
+order: through ``gating.meta.adapt.adapt``; first order: at the adapted point, the inner steps
+constants). A client's tasks differentiate it one by one with autograd (:func:`meta_gradients`)
+or ``vmap`` ``torch.func.grad`` of it over the tasks (:func:`meta_gradients_batched`,
+``task.batched``: fewer, larger kernels). The loop takes autograd for the outermost derivative
+because ``torch.func.grad`` always builds a graph of its own backward (so that it nests): on a
+task that is 25% more time and 50% more memory for nothing (BENCHMARKS.md, "Meta-gradient
+cost"). Under ``vmap`` the gate noise is drawn with ``randomness="different"``: independent per
+task, as in the loop, but not the same numbers the loop draws from the same seed
+(tests/test_meta_vmap.py compares the two with fixed noise). Every task of a batched call must
+have the same support and query sizes.
 """
 
 from __future__ import annotations
@@ -61,13 +64,20 @@ def query_ratios(
     return flops_ratio(model.spec, trace), deployed_flops_ratio(model.spec, trace)
 
 
-def _task_fn(model: GatedModel, names: list[str], cfg: MetaConfig) -> Callable[..., tuple]:
-    """One task's (meta-gradient, (query loss, query logits, gate masks and open
-    probabilities)) as a pure function of (params, support x, support y, query x, query y)."""
+Objective = Callable[[Params, Params, Batch, Batch], tuple[Tensor, tuple]]
+
+
+def _objective(model: GatedModel, cfg: MetaConfig) -> Objective:
+    """One task's (query loss, (its value, query logits, gate masks and open probabilities)) as
+    a pure function of (learned parameters, the others, support, query). First order: the
+    learned parameters given are already the adapted ones (:func:`_variables`)."""
     outer_reg = cfg.outer_regularized
 
-    def query_loss(adapted: Params, query: Batch, support: Batch) -> tuple[Tensor, tuple]:
-        loss, out = task_loss(model, adapted, query, cfg, outer_reg, support, shape=True)
+    def objective(learned: Params, fixed: Params, support: Batch, query: Batch) -> tuple:
+        params = {**fixed, **learned}
+        if not cfg.first_order:
+            params = adapt(model, params, support, cfg)
+        loss, out = task_loss(model, params, query, cfg, outer_reg, support, shape=True)
         gates = (
             [(layer.mask.detach(), layer.prob.detach()) for layer in out.trace]
             if cfg.gating
@@ -75,24 +85,19 @@ def _task_fn(model: GatedModel, names: list[str], cfg: MetaConfig) -> Callable[.
         )
         return loss, (loss.detach(), out.logits.detach(), gates)
 
-    def one_task(params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple:
-        support, query = Batch(sx, sy), Batch(qx, qy)
-        fixed = {name: p for name, p in params.items() if name not in names}
-        if cfg.first_order:  # the query gradient at the adapted point, the inner steps constant
-            adapted = {name: p.detach() for name, p in adapt(model, params, support, cfg).items()}
-            rest = {name: p for name, p in adapted.items() if name not in names}
+    return objective
 
-            def at_adapted(sub: Params) -> tuple[Tensor, tuple]:
-                return query_loss({**rest, **sub}, query, support)
 
-            return torch.func.grad(at_adapted, has_aux=True)({n: adapted[n] for n in names})
-
-        def through_adapt(sub: Params) -> tuple[Tensor, tuple]:
-            return query_loss(adapt(model, {**fixed, **sub}, support, cfg), query, support)
-
-        return torch.func.grad(through_adapt, has_aux=True)({n: params[n] for n in names})
-
-    return one_task
+def _variables(
+    model: GatedModel, params: Params, support: Batch, cfg: MetaConfig
+) -> tuple[Params, Params]:
+    """(learned, fixed): where the objective is differentiated. First order: the adapted point,
+    reached without a graph (the inner steps are constants)."""
+    if cfg.first_order:
+        params = {name: p.detach() for name, p in adapt(model, params, support, cfg).items()}
+    names = learnable(params, cfg)
+    learned = {name: params[name] for name in names}
+    return learned, {name: p for name, p in params.items() if name not in learned}
 
 
 def _step(
@@ -121,9 +126,15 @@ def meta_gradients(
 ) -> MetaStep:
     """d L(Adapt(theta, phi; S); Q) / d(theta, phi) for one task."""
     params = {name: t.detach() for name, t in initial.items()}
-    grads, aux = _task_fn(model, learnable(params, cfg), cfg)(
-        params, support.x, support.y, query.x, query.y
-    )
+    learned, fixed = _variables(model, params, support, cfg)
+    learned = {name: p.detach().requires_grad_(True) for name, p in learned.items()}
+    loss, aux = _objective(model, cfg)(learned, fixed, support, query)
+    # None: a parameter the loss does not reach (the zeroed head), as torch.func.grad's zeros
+    found = torch.autograd.grad(loss, list(learned.values()), allow_unused=True)
+    grads = {
+        name: torch.zeros_like(p) if g is None else g
+        for (name, p), g in zip(learned.items(), found, strict=True)
+    }
     return _step(model, cfg, grads, aux, query.y)
 
 
@@ -135,18 +146,19 @@ def meta_gradients_batched(
 ) -> list[MetaStep]:
     """``[meta_gradients(model, initial, s, q, cfg) for s, q in episodes]`` in one vmapped pass."""
     params = {name: t.detach() for name, t in initial.items()}
+    objective = torch.func.grad(_objective(model, cfg), has_aux=True)
+
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple:
+        support, query = Batch(sx, sy), Batch(qx, qy)
+        return objective(*_variables(model, params, support, cfg), support, query)
+
     stacked = [
         torch.stack([s.x for s, _ in episodes]),
         torch.stack([s.y for s, _ in episodes]),
         torch.stack([q.x for _, q in episodes]),
         torch.stack([q.y for _, q in episodes]),
     ]
-    batched = torch.func.vmap(
-        _task_fn(model, learnable(params, cfg), cfg),
-        in_dims=(None, 0, 0, 0, 0),
-        randomness="different",
-    )
-    grads, (losses, logits, gates) = batched(params, *stacked)
+    grads, (losses, logits, gates) = torch.func.vmap(one_task, randomness="different")(*stacked)
     return [
         _step(
             model,
