@@ -15,6 +15,8 @@ its defences are the real ones). The run folder gets ``attack.json`` (what attac
   label_flip  the node's own update, its query labels moved to the next class while its support
               labels stay true (labels are node-local: a consistent relabelling would be harmless)
   free_rider  a zero update, with the honest claim
+  non_finite  an update of NaNs, which the server leaves out: the attackers' data lost and nothing
+              else, the reference an ideal rule would reach (the clean run keeps their data)
   claim       the honest update, ``--claim`` examples claimed
   mac_ratio   the honest update, the deployed MAC ratio reported as ``--ratio`` (0 drags λ down:
               the gates open)
@@ -140,6 +142,10 @@ def free_rider(job: ClientRound, reply: Reply, o: Options) -> Reply:
     return Reply({n: np.zeros_like(u) for n, u in reply.update.items()}, reply.metrics)
 
 
+def non_finite(job: ClientRound, reply: Reply, o: Options) -> Reply:
+    return Reply({n: np.full_like(u, np.nan) for n, u in reply.update.items()}, reply.metrics)
+
+
 def claim(job: ClientRound, reply: Reply, o: Options) -> Reply:
     return Reply(reply.update, {**reply.metrics, NUM_EXAMPLES: o.claim})
 
@@ -150,7 +156,7 @@ def mac_ratio(job: ClientRound, reply: Reply, o: Options) -> Reply:
 
 ATTACKS: dict[str, Callable[[ClientRound, Reply, Options], Reply]] = {
     f.__name__: f
-    for f in (sign_flip, gaussian, alie, ipm, label_flip, free_rider, claim, mac_ratio)
+    for f in (sign_flip, gaussian, alie, ipm, label_flip, free_rider, non_finite, claim, mac_ratio)
 }
 
 

@@ -55,6 +55,7 @@ def test_each_attack_is_what_its_name_says(job, honest):
     for n in names:
         np.testing.assert_array_equal(flipped.update[n], -3.0 * honest.update[n])
     assert all(not attacks.free_rider(job, honest, o).update[n].any() for n in names)
+    assert all(np.isnan(attacks.non_finite(job, honest, o).update[n]).all() for n in names)
     assert attacks.claim(job, honest, o).metrics[NUM_EXAMPLES] == 1e9
     assert attacks.mac_ratio(job, honest, o).metrics["deployed-flops-ratio"] == 0.0
     noise = np.concatenate([u.ravel() for u in attacks.gaussian(job, honest, o).update.values()])
