@@ -5,12 +5,12 @@ order: through ``gating.meta.adapt.adapt``; first order: at the adapted point, t
 constants). A client's tasks differentiate it one by one with autograd (:func:`meta_gradients`)
 or ``vmap`` ``torch.func.grad`` of it over the tasks (:func:`meta_gradients_batched`,
 ``task.batched``: fewer, larger kernels). The loop takes autograd for the outermost derivative
-because ``torch.func.grad`` always builds a graph of its own backward (so that it nests): on a
-task that is 25% more time and 50% more memory for nothing (BENCHMARKS.md, "Meta-gradient
-cost"). Under ``vmap`` the gate noise is drawn with ``randomness="different"``: independent per
-task, as in the loop, but not the same numbers the loop draws from the same seed
-(tests/test_meta_vmap.py compares the two with fixed noise). Every task of a batched call must
-have the same support and query sizes.
+because ``torch.func.grad`` always builds a graph of its own backward (so that it nests): there,
+up to 1.5x the time and the memory for nothing (BENCHMARKS.md, "Meta-gradient cost"). Under
+``vmap`` the gate noise is drawn with ``randomness="different"``: independent per task, as in the
+loop, but not the same numbers the loop draws from the same seed (tests/test_meta_vmap.py compares
+the two with fixed noise). Every task of a batched call must have the same support and query
+sizes.
 """
 
 from __future__ import annotations
