@@ -1,15 +1,15 @@
-"""Scale: does a round cost the same with 1,000 simulated nodes as with 100, 10 sampled per round?
+"""Scale: does a round cost the same with 1,000 or 10,000 simulated nodes as with 100?
 
-    python benchmarks/scale.py                            # 100 vs 1,000 nodes, ~3-5 min
-    python benchmarks/scale.py --reps 3 dataset=fashion_mnist
-    python benchmarks/scale.py --pump indexed             # Flower's message pump, O(messages)
+    python benchmarks/scale.py                  # 100 / 1,000 / 10,000 nodes, Flower as shipped
+    python benchmarks/scale.py --pump patched   # docs/patches/flwr-1.39.0-simulation-pump.patch
+    python benchmarks/scale.py --nodes 100,1000 --reps 3 dataset=fashion_mnist
 
 Each run is ``simulate.simulate(cfg, out_dir)`` in this process (Ray actors run the
 ClientApps), with the configuration ``python simulate.py`` composes plus
 ``federation.train_nodes=N`` (N from ``--nodes``), ``federation.clients_per_round=10``,
 ``federation.target_nodes=--targets``, ``--rounds`` rounds and evaluation only in the last one.
-The node counts alternate (100, 1000, 1000, 100, ...) over ``--reps`` repetitions, so a drifting
-background load hits both alike.
+The node counts alternate (100, 1000, 10000, then 10000, 1000, 100, ...) over ``--reps``
+repetitions, so a drifting background load hits all alike.
 
 Per-round time: ``history.json``'s seconds of the steady rounds (after ``--warmup``, without
 the last, evaluation round), median over every repetition's rounds. Start-up (Ray, actors, and
@@ -19,12 +19,17 @@ Memory of all processes: this driver and everything it started (Ray's GCS, rayle
 log processes, the ClientApp actors, idle workers), found as its descendants in /proc and
 sampled every ``--sample`` seconds; PSS (shared pages split between the processes sharing them,
 so shared libraries are not counted once per process) and RSS, from /proc/PID/smaps_rollup.
-Peaks are over the steady rounds, and over the whole run (start-up included); ratios are
-1000/100 of the medians over repetitions. Linux only.
+Peaks are over the steady rounds, and over the whole run (start-up included); ratios are each
+count's medians over repetitions against the smallest count's. Linux only.
+
+``--pump patched`` runs Flower with the proposed patch of its simulation message pump
+(``docs/patches/flwr-1.39.0-simulation-pump.patch``, applied in this process by
+``benchmarks/flower_patch.py``; the files on disk are untouched).
 
 Bytes per client and round: ``summary.json``'s ``bytes_per_client_round``: the parameters sent
 down plus the update sent back, both as ``ArrayRecord.count_bytes`` (server/strategy.py).
-The last line is ``RESULT time_ratio=... memory_ratio=... bytes_per_client=...``.
+The last lines are ``RESULT nodes=N time_ratio=... memory_ratio=... startup_ratio=...``, one per
+count above the smallest.
 """
 
 from __future__ import annotations
@@ -135,30 +140,6 @@ class MemorySampler:
 # --------------------------------------------------------------------------- runs
 
 
-def indexed_message_pump() -> None:
-    """``--pump indexed``: Flower's simulation message pump (vce_api.add_messages_to_queue)
-    asks the link state for every registered node's messages every 0.1 s, and each ask scans
-    the whole message store: O(nodes x messages) per cycle, in this process. This variant asks
-    only for the nodes that have an undelivered message (same calls, same 0.1 s cycle)."""
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop: threading.Event) -> None:
-        while not f_stop.is_set():
-            with state.lock:
-                pending = {
-                    m.metadata.dst_node_id
-                    for m in state.message_ins_store.values()
-                    if m.metadata.delivered_at == ""
-                }
-            for node_id in pending:
-                if node_id in nodes_mapping:
-                    for msg in state.get_message_ins(node_id=node_id, limit=1):
-                        queue.put(msg)
-            f_stop.wait(0.1)
-
-    vce_api.add_messages_to_queue = add_messages_to_queue
-
-
 def process_cpu_seconds() -> float:
     """CPU time of this process so far (all threads: the ServerApp, Flower's engine threads)."""
     times = os.times()
@@ -229,10 +210,13 @@ def run_once(cfg: DictConfig, warmup: int, sample: float, out_dir: Path) -> Run:
     )
 
 
+PATCH = ROOT / "docs" / "patches" / "flwr-1.39.0-simulation-pump.patch"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="simulate.py overrides, e.g. dataset=...")
-    parser.add_argument("--nodes", default="100,1000", help="two training-node counts")
+    parser.add_argument("--nodes", default="100,1000,10000", help="training-node counts")
     parser.add_argument("--clients", type=int, default=10, help="sampled per round")
     parser.add_argument("--targets", type=int, default=10, help="target nodes")
     parser.add_argument("--rounds", type=int, default=20)
@@ -241,18 +225,22 @@ def main() -> None:
     parser.add_argument("--sample", type=float, default=0.5, help="memory sampling, seconds")
     parser.add_argument(
         "--pump",
-        choices=("flower", "indexed"),
+        choices=("flower", "patched"),
         default="flower",
-        help="Flower's message pump as shipped, or one that visits only nodes with messages",
+        help=f"Flower's simulation message pump as shipped, or with {PATCH.name}",
     )
     args = parser.parse_args()
-    if args.pump == "indexed":
-        indexed_message_pump()
-    small, large = (int(n) for n in args.nodes.split(","))
-    runs: dict[int, list[Run]] = {small: [], large: []}
+    if args.pump == "patched":
+        from flower_patch import apply  # benchmarks/flower_patch.py
+
+        print(f"{PATCH.name} installed: {', '.join(apply(PATCH))}", flush=True)
+    counts = sorted(int(n) for n in args.nodes.split(","))
+    if len(counts) < 2:
+        parser.error("--nodes needs at least two counts, e.g. 100,1000")
+    runs: dict[int, list[Run]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp:
         for rep in range(args.reps):
-            for nodes in (small, large) if rep % 2 == 0 else (large, small):
+            for nodes in counts if rep % 2 == 0 else counts[::-1]:
                 cfg = compose_config(
                     [
                         f"federation.train_nodes={nodes}",
@@ -291,7 +279,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for nodes in (small, large):
+    for nodes in counts:
         print(
             f"{nodes:>6}{round_s(nodes):>9.3f}{med(nodes, 'driver_cpu_s'):>14.3f}"
             f"{med(nodes, 'startup_s'):>11.1f}"
@@ -299,24 +287,28 @@ def main() -> None:
             f"{med(nodes, 'peak_pss_all_mb'):>12.0f}{med(nodes, 'processes'):>11.0f}"
             f"{med(nodes, 'bytes_per_client'):>14.0f}"
         )
-    time_ratio = round_s(large) / round_s(small)
-    memory_ratio = med(large, "peak_pss_mb") / med(small, "peak_pss_mb")
     print()
     print(
         "round s: steady-state seconds per round; driver CPU s: CPU seconds this process (the\n"
         "ServerApp and Flower's engine threads) spends per steady round; peak PSS/RSS: summed\n"
         "over the process tree, steady rounds; PSS all: whole run incl. start-up;\n"
-        "bytes/client: parameters down + update up per round."
+        "bytes/client: parameters down + update up per round. Ratios: against the smallest count."
     )
-    print(
-        f"RESULT time_ratio={time_ratio:.3f} memory_ratio={memory_ratio:.3f} "
-        f"bytes_per_client={med(large, 'bytes_per_client'):.0f} "
-        f"rss_ratio={med(large, 'peak_rss_mb') / med(small, 'peak_rss_mb'):.3f} "
-        f"memory_ratio_with_startup="
-        f"{med(large, 'peak_pss_all_mb') / med(small, 'peak_pss_all_mb'):.3f} "
-        f"startup_ratio={med(large, 'startup_s') / med(small, 'startup_s'):.3f} "
-        f"driver_cpu_ratio={med(large, 'driver_cpu_s') / med(small, 'driver_cpu_s'):.3f}"
-    )
+    base = counts[0]
+    for nodes in counts[1:]:
+
+        def ratio(field: str, nodes: int = nodes) -> float:
+            return med(nodes, field) / med(base, field)
+
+        print(
+            f"RESULT nodes={nodes} pump={args.pump} "
+            f"time_ratio={round_s(nodes) / round_s(base):.3f} "
+            f"memory_ratio={ratio('peak_pss_mb'):.3f} rss_ratio={ratio('peak_rss_mb'):.3f} "
+            f"memory_ratio_with_startup={ratio('peak_pss_all_mb'):.3f} "
+            f"startup_ratio={ratio('startup_s'):.3f} "
+            f"driver_cpu_ratio={ratio('driver_cpu_s'):.3f} "
+            f"bytes_per_client={med(nodes, 'bytes_per_client'):.0f}"
+        )
 
 
 if __name__ == "__main__":

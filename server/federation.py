@@ -74,13 +74,24 @@ class RunInterrupted(RuntimeError):
 #: that much per exchange, and polling a local queue is cheap.
 POLL_IN_SIMULATION = 0.01
 
+#: The most of an exchange's time that asking for replies may take. One ask costs time in
+#: proportion to the messages still awaited (Flower's link state checks each, under the lock its
+#: message pump and reply store need too): with 10,000 awaited (the first round's question to
+#: every node of a large federation) a fixed 0.01 s poll would hold that lock most of the time.
+PULL_SHARE = 0.1
+
+#: The longest wait between two asks that cost next to nothing (how late a reply may be noticed).
+MAX_PULL_WAIT = 0.5
+
 #: Set (e.g. by a signal handler) to stop the run at the next poll, within a fraction of a
 #: second, instead of after Flower's reply timeout.
 STOP_REQUESTED = threading.Event()
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """``grid.send_and_receive`` that gives up when :data:`STOP_REQUESTED` is set."""
+    """``grid.send_and_receive`` that gives up when :data:`STOP_REQUESTED` is set, and waits
+    between asks for replies at least the grid's ``pull_interval`` and long enough that asking
+    takes at most :data:`PULL_SHARE` of the time."""
     waiting = set(grid.push_messages(messages))
     interval = float(getattr(grid, "pull_interval", 0.1))
     deadline = time.monotonic() + timeout
@@ -88,11 +99,13 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> list[Messag
     while waiting and time.monotonic() < deadline:
         if STOP_REQUESTED.is_set():
             raise RunInterrupted("stopped on request")
+        asked = time.monotonic()
         pulled = list(grid.pull_messages(waiting))
+        asking = time.monotonic() - asked
         replies += pulled
         waiting -= {m.metadata.reply_to_message_id for m in pulled}
         if waiting:
-            time.sleep(min(interval, 0.5))
+            time.sleep(max(min(interval, MAX_PULL_WAIT), asking * (1 / PULL_SHARE - 1)))
     return replies
 
 

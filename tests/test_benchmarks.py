@@ -75,3 +75,25 @@ def test_overhead_bare_loop_does_flowers_work(subprocess_env):
     figures = result(run_benchmark("overhead.py", args, subprocess_env, timeout=900))
     assert math.isfinite(float(figures["flower_over_bare"]))
     assert float(figures["max_param_diff"]) == 0.0
+
+
+@pytest.mark.ray
+def test_scale_runs_a_federation_on_flower_with_the_proposed_pump_patch(subprocess_env):
+    """The patch in docs/patches applies to the installed Flower as it stands, replaces exactly
+    the message pump and the one method it adds, and the patched engine runs federations to
+    the end (every count's RESULT line)."""
+    args = ["--pump", "patched", "--nodes", "24,12", "--reps", "1", "--rounds", "4"]
+    args += ["--warmup", "1", "--targets", "2", "--clients", "3"]
+    out = run_benchmark("scale.py", args, subprocess_env, timeout=600)
+    installed = re.search(r"simulation-pump\.patch installed: (.*)", out)
+    assert installed is not None, out
+    assert sorted(installed.group(1).split(", ")) == [
+        "flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue",
+        "flwr.server.superlink.linkstate.in_memory_linkstate.InMemoryLinkState"
+        ".get_message_ins_for_nodes",
+    ]
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert [dict(p.split("=", 1) for p in line.split()[1:])["nodes"] for line in lines] == ["24"]
+    figures = result(out)
+    assert figures["pump"] == "patched"
+    assert math.isfinite(float(figures["time_ratio"])) and float(figures["startup_ratio"]) > 0

@@ -360,3 +360,52 @@ def test_a_node_that_misreports_itself_is_left_out_of_the_federation(change, say
     assert node_problem(discovery_reply(query)) is None
     problem = node_problem(discovery_reply(query, **change))
     assert problem is not None and says in problem
+
+
+class SlowGrid:
+    """A grid on a fake clock whose every ask for replies costs 2 ms per awaited message (as
+    Flower's link state checks each one); the reply to message i arrives at 0.1 x (i + 1) s."""
+
+    pull_interval = 0.01  # what the server sets in simulation
+
+    def __init__(self, clock: list[float], count: int, cost: float = 0.002) -> None:
+        self.clock, self.cost, self.asks, self.asking = clock, cost, 0, 0.0
+        self.sent: dict[str, Message] = {}
+        for i in range(count):
+            message = Message(RecordDict({}), dst_node_id=i + 1, message_type=MessageType.QUERY)
+            message.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent[f"m{i}"] = message
+
+    def push_messages(self, messages):
+        return list(self.sent)
+
+    def pull_messages(self, waiting):
+        self.asks += 1
+        cost = self.cost * len(waiting)
+        self.clock[0] += cost
+        self.asking += cost
+        return [
+            Message(RecordDict({}), reply_to=self.sent[m])
+            for i, m in enumerate(self.sent)
+            if m in waiting and 0.1 * (i + 1) <= self.clock[0]
+        ]
+
+
+def test_asking_for_replies_takes_at_most_a_tenth_of_an_exchange(monkeypatch):
+    from server import federation
+
+    clock = [0.0]
+    monkeypatch.setattr(federation.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(federation.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    grid = SlowGrid(clock, count=200)
+    replies = federation.exchange(grid, [], timeout=600)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(grid.sent)
+    # the last reply arrives at 20 s, when few are awaited: it is noticed within 0.5 s
+    assert 20.0 <= clock[0] <= 20.0 + federation.MAX_PULL_WAIT
+    # a fixed 0.01 s poll would spend most of those 20 s asking (0.2 s per ask at first)
+    share = grid.asking / clock[0]
+    assert share <= federation.PULL_SHARE + 0.02, (share, grid.asks)
+    # when asking costs nothing, it asks every pull_interval (replies are noticed at once)
+    clock[0], cheap = 0.0, SlowGrid(clock, count=200, cost=0.0)
+    federation.exchange(cheap, [], timeout=600)
+    assert cheap.asks >= 20.0 / SlowGrid.pull_interval * 0.99
