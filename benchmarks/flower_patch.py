@@ -24,14 +24,11 @@ import flwr
 SITE = Path(flwr.__file__).resolve().parents[1]
 
 
-def touched_files(patch: Path) -> list[str]:
-    """The paths (relative to site-packages) the patch's ``+++ b/...`` lines name."""
-    return re.findall(r"^\+\+\+ b/(\S+)", patch.read_text(), flags=re.MULTILINE)
-
-
-def patched_copies(patch: Path, folder: Path) -> list[Path]:
-    """The touched files, copied under ``folder`` and patched; a clear error if it fails."""
-    paths = touched_files(patch)
+def patched_copies(patch: Path, folder: Path) -> dict[str, Path]:
+    """The touched files (by path relative to site-packages), copied under ``folder`` and
+    patched; a clear error if the patch does not apply."""
+    text = patch.read_text()
+    paths = re.findall(r"^\+\+\+ b/(\S+)", text, flags=re.MULTILINE)
     if not paths:
         raise ValueError(f"{patch} names no file to patch")
     for relative in paths:
@@ -39,7 +36,7 @@ def patched_copies(patch: Path, folder: Path) -> list[Path]:
         shutil.copy(SITE / relative, folder / relative)
     done = subprocess.run(
         ["patch", "-p1", "-d", str(folder), "--forward", "--batch"],
-        input=patch.read_text(),
+        input=text,
         capture_output=True,
         text=True,
     )
@@ -47,7 +44,7 @@ def patched_copies(patch: Path, folder: Path) -> list[Path]:
         raise RuntimeError(
             f"{patch.name} does not apply to Flower {flwr.__version__}:\n{done.stdout}"
         )
-    return [folder / relative for relative in paths]
+    return {relative: folder / relative for relative in paths}
 
 
 def module_name(relative: str) -> str:
@@ -94,10 +91,10 @@ def _same_source(a: object, b: object) -> bool:
 
 def apply(patch: Path) -> list[str]:
     """Apply ``patch`` to this process's Flower; the functions and methods it replaced."""
-    folder = Path(tempfile.mkdtemp(prefix="flwr-patch-"))
     installed: list[str] = []
-    for relative, path in zip(touched_files(patch), patched_copies(patch, folder), strict=True):
-        name = module_name(relative)
-        original = importlib.import_module(name)
-        installed += [f"{name}.{n}" for n in install(load_copy(path, name), original)]
+    with tempfile.TemporaryDirectory(prefix="flwr-patch-") as folder:
+        for relative, path in patched_copies(patch, Path(folder)).items():
+            name = module_name(relative)
+            original = importlib.import_module(name)
+            installed += [f"{name}.{n}" for n in install(load_copy(path, name), original)]
     return installed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -395,8 +396,10 @@ def test_asking_for_replies_takes_at_most_a_tenth_of_an_exchange(monkeypatch):
     from server import federation
 
     clock = [0.0]
-    monkeypatch.setattr(federation.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(federation.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    fake_time = SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=lambda s: clock.__setitem__(0, clock[0] + s)
+    )
+    monkeypatch.setattr(federation, "time", fake_time)  # this module's clock only
     grid = SlowGrid(clock, count=200)
     replies = federation.exchange(grid, [], timeout=600)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(grid.sent)
