@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -309,3 +310,106 @@ def error_text(error: BaseException) -> str:
         parts.append(str(error))
         error = error.__cause__
     return " | ".join(parts)
+
+
+# ------------------------------------------------------------------ hosts on one machine
+
+
+@dataclass
+class NetworkHosts:
+    """Hosts on this machine, each a network namespace with its own address and loopback, on
+    virtual links into one bridge (the root namespace is ``SUBNET.254``)."""
+
+    subnet: str
+    number: dict[str, int]  # host name -> last byte of its address
+    space: dict[str, str]  # host name -> its network namespace
+    cable: dict[str, str]  # host name -> the root-namespace end of its link (down: offline)
+
+    def address(self, name: str) -> str:
+        return f"{self.subnet}.{self.number[name]}"
+
+    def on(self, name: str, args: list[str]) -> list[str]:
+        """``args`` run on host ``name``: its network only; files as on this machine."""
+        return ["ip", "netns", "exec", self.space[name], *args]
+
+    def on_machine(self, name: str, root: Path, command: str) -> list[str]:
+        """A shell ``command`` run on host ``name`` as on a machine of its own: its network,
+        its own temporary directory (``TMPDIR=root/name``, where Ray keeps a node's session and
+        sockets: keep ``root`` short, a socket path has at most 107 bytes) and its own
+        ``/dev/shm`` (Ray's object store); the project's files stay shared, as a mount would."""
+        private = root / name
+        private.mkdir(parents=True, exist_ok=True)
+        setup = f"mount -t tmpfs tmpfs /dev/shm && export TMPDIR='{private}' && cd '{ROOT}'"
+        return self.on(
+            name,
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                f"{setup} && {command}",
+            ],
+        )
+
+    def kill_all(self, name: str) -> None:
+        """Every process on host ``name`` killed at once: the machine dies."""
+        listed = subprocess.run(
+            ["ip", "netns", "pids", self.space[name]], capture_output=True, text=True
+        )
+        for pid in listed.stdout.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def network_hosts(number: dict[str, int], subnet: str) -> Iterator[NetworkHosts]:
+    """``number``'s hosts, ``subnet.N/24`` each, removed with every process left on them at the
+    end. Skips the test, with the reason, where network namespaces cannot be made (they need
+    root or CAP_NET_ADMIN, and iproute2)."""
+    import pytest
+
+    tag = f"{os.getpid() % 100000}"
+    bridge = f"mgbr{tag}"
+    hosts = NetworkHosts(
+        subnet,
+        number,
+        {name: f"mg{tag}-{name}" for name in number},
+        {name: f"mv{tag}{n}" for name, n in number.items()},
+    )
+
+    def remove() -> None:
+        for name, space in hosts.space.items():
+            with contextlib.suppress(OSError):
+                hosts.kill_all(name)
+            with contextlib.suppress(OSError, subprocess.CalledProcessError):
+                _ip("netns", "del", space)
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            _ip("link", "del", bridge)
+
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        _ip("addr", "add", f"{subnet}.254/24", "dev", bridge)
+        _ip("link", "set", bridge, "up")
+        for name in number:
+            space, outer, inner = hosts.space[name], hosts.cable[name], f"{hosts.cable[name]}n"
+            _ip("netns", "add", space)
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", inner, "netns", space)
+            _ip("link", "set", outer, "master", bridge, "up")
+            _ip("-n", space, "addr", "add", f"{hosts.address(name)}/24", "dev", inner)
+            _ip("-n", space, "link", "set", inner, "up")
+            _ip("-n", space, "link", "set", "lo", "up")
+    except (OSError, subprocess.CalledProcessError) as error:  # no iproute2, no privilege
+        remove()
+        reason = getattr(error, "stderr", "") or str(error)
+        pytest.skip(f"network namespaces are not available here: {reason.strip()}")
+    try:
+        yield hosts
+    finally:
+        remove()

@@ -7,18 +7,15 @@ authenticate with their keys. Skips, with the reason, where network namespaces c
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from tests.support import summary_of
+from tests.support import NetworkHosts, network_hosts, summary_of
 from tests.test_deploy import SCRIPTS, Federation, start_federation
 from tests.test_deploy import sites as sites  # the fixture, re-exported
 
@@ -26,69 +23,25 @@ SUBNET = "10.77.0"
 HOSTS = {"superlink": 1, "site-a": 2, "site-b": 3}
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-@dataclass
-class Hosts:
-    space: dict[str, str]  # host name -> its network namespace
-    cable: dict[str, str]  # host name -> the root-namespace end of its link (down: offline)
-
-
 @pytest.fixture
-def hosts() -> Iterator[Hosts]:
-    """A namespace per host, ``10.77.0.N/24`` on a veth into one bridge (the root namespace,
-    where the flwr CLI runs, is ``10.77.0.254``)."""
-    tag = f"{os.getpid() % 100000}"
-    bridge = f"mgbr{tag}"
-    spaces = {name: f"mg{tag}-{name}" for name in HOSTS}
-    cables = {name: f"mv{tag}{number}" for name, number in HOSTS.items()}
-
-    def remove() -> None:
-        for space in spaces.values():
-            with contextlib.suppress(OSError, subprocess.CalledProcessError):
-                ip("netns", "del", space)
-        with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            ip("link", "del", bridge)
-
-    try:
-        ip("link", "add", bridge, "type", "bridge")
-        ip("addr", "add", f"{SUBNET}.254/24", "dev", bridge)
-        ip("link", "set", bridge, "up")
-        for name, number in HOSTS.items():
-            space, outer, inner = spaces[name], cables[name], f"{cables[name]}n"
-            ip("netns", "add", space)
-            ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            ip("link", "set", inner, "netns", space)
-            ip("link", "set", outer, "master", bridge, "up")
-            ip("-n", space, "addr", "add", f"{SUBNET}.{number}/24", "dev", inner)
-            ip("-n", space, "link", "set", inner, "up")
-            ip("-n", space, "link", "set", "lo", "up")
-    except (OSError, subprocess.CalledProcessError) as error:  # no iproute2, no privilege
-        remove()
-        reason = getattr(error, "stderr", "") or str(error)
-        pytest.skip(f"network namespaces are not available here: {reason.strip()}")
-    try:
-        yield Hosts(spaces, cables)
-    finally:
-        remove()
+def hosts() -> Iterator[NetworkHosts]:
+    """A namespace per host, ``10.77.0.N/24`` (the root namespace, where the flwr CLI runs, is
+    ``10.77.0.254``)."""
+    with network_hosts(HOSTS, SUBNET) as made:
+        yield made
 
 
 @pytest.fixture
 def remote(processes, hosts, tmp_path, subprocess_env, free_port) -> Federation:
     """The federation of tests/test_deploy.py, every process on its own host."""
     pki = tmp_path / "pki"
-    address = f"{SUBNET}.{HOSTS['superlink']}"
+    address = hosts.address("superlink")
     subprocess.run([SCRIPTS / "make_certs.sh", address, pki / "certs"], check=True)
     for name in ("site-a", "site-b"):
         subprocess.run([SCRIPTS / "make_node_key.sh", name, pki / "keys"], check=True)
 
-    def place(name: str, args: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", hosts.space[name], *args]
-
     return start_federation(
-        processes, pki, tmp_path, subprocess_env, free_port, host=address, place=place
+        processes, pki, tmp_path, subprocess_env, free_port, host=address, place=hosts.on
     )
 
 
@@ -113,10 +66,10 @@ def test_sites_on_separate_hosts_run_to_the_end_and_one_that_loses_its_link_rejo
     # message, or its reply, falls into the outage (gRPC waits it out, or retries on the
     # reset connection: "Connection attempt failed, retrying" in its log).
     cable = hosts.cable["site-a"]
-    ip("link", "set", cable, "down")
+    subprocess.run(["ip", "link", "set", cable, "down"], check=True)
     down_at = time.monotonic()
     time.sleep(8)
-    ip("link", "set", cable, "up")
+    subprocess.run(["ip", "link", "set", cable, "up"], check=True)
     outage = time.monotonic() - down_at
 
     assert run.wait(timeout=400) == 0, (tmp_path / "run.log").read_text()[-4000:]
