@@ -93,10 +93,11 @@ def test_the_cluster_guide_works_verbatim_on_two_machines_and_after_one_dies(
     subprocess_env, tmp_path
 ):
     """Steps 2 and 3 and "When a Ray node dies" of docs/cluster.md, as written, on two hosts
-    with their own network, /tmp and /dev/shm (the guide's addresses swapped for theirs)."""
+    with their own network, temporary directory and /dev/shm (the guide's addresses swapped
+    for theirs). The hosts, with every process on them, go before their directories."""
     with (
-        network_hosts({"head": 1, "worker": 2}, "10.78.0") as hosts,
         tempfile.TemporaryDirectory(prefix="mg") as private,
+        network_hosts({"head": 1, "worker": 2}, "10.78.0") as hosts,
     ):
         private = Path(private)
 
