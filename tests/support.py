@@ -1,6 +1,7 @@
 """Plain helpers the test files share (the fixtures built on them are in tests/conftest.py):
 the environment of the processes the end-to-end tests start, a tracker that stops those
-processes with everything they spawned, and a central-difference gradient check."""
+processes with everything they spawned, a central-difference gradient check, and hosts made of
+network namespaces for the tests that need several machines."""
 
 from __future__ import annotations
 
