@@ -83,9 +83,10 @@ def guide_commands(heading: str) -> list[tuple[str, str]]:
 
 
 def cpus(status: str) -> tuple[float, float]:
-    """``ray status``'s CPU line under "Total Usage": (in use, in the cluster)."""
-    used, total = re.search(r"([\d.]+)/([\d.]+) CPU", status.split("Total Usage", 1)[1]).groups()
-    return float(used), float(total)
+    """``ray status``'s CPU line under "Total Usage": (in use, in the cluster); (0, 0) while
+    it says "No cluster status" (the first seconds after the head starts)."""
+    found = re.search(r"Total Usage:\s*([\d.]+)/([\d.]+) CPU", status)
+    return (float(found[1]), float(found[2])) if found else (0.0, 0.0)
 
 
 @pytest.mark.ray
